@@ -1,0 +1,55 @@
+"""ppl_ext: unbiased estimators of expectations and their gradients, by program transformation.
+
+`import ppl_ext as px`; write an expectation program with `px.sample`, decorate it with
+`px.expectation`, and call `.estimate`, `.grad` or `jax.grad` on it.
+"""
+
+from .adev import (
+    ADEVError as ADEVError,
+    AbstractContinuationEstimator as AbstractContinuationEstimator,
+    AbstractEstimator as AbstractEstimator,
+    AbstractLocalEstimator as AbstractLocalEstimator,
+    Enum as Enum,
+    Expectation as Expectation,
+    LeaveOneOut as LeaveOneOut,
+    MVD as MVD,
+    ObjectiveShapeError as ObjectiveShapeError,
+    OutsideExpectationError as OutsideExpectationError,
+    Reinforce as Reinforce,
+    Reparam as Reparam,
+    RunningAverage as RunningAverage,
+    UnsupportedEstimatorError as UnsupportedEstimatorError,
+    UnsupportedPrimitiveError as UnsupportedPrimitiveError,
+    enum as enum,
+    expectation as expectation,
+    mvd as mvd,
+    reinforce as reinforce,
+    reparam as reparam,
+    sample as sample,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADEVError",
+    "AbstractContinuationEstimator",
+    "AbstractEstimator",
+    "AbstractLocalEstimator",
+    "Enum",
+    "Expectation",
+    "LeaveOneOut",
+    "MVD",
+    "ObjectiveShapeError",
+    "OutsideExpectationError",
+    "Reinforce",
+    "Reparam",
+    "RunningAverage",
+    "UnsupportedEstimatorError",
+    "UnsupportedPrimitiveError",
+    "enum",
+    "expectation",
+    "mvd",
+    "reinforce",
+    "reparam",
+    "sample",
+]

@@ -1,0 +1,23 @@
+"""Exceptions raised by the program transformation."""
+
+from __future__ import annotations
+
+
+class ADEVError(Exception):
+    """Base class: the transformation refused a program instead of estimating it wrongly."""
+
+
+class UnsupportedPrimitiveError(ADEVError, NotImplementedError):
+    """A primitive with sample sites inside it has no transformation rule."""
+
+
+class UnsupportedEstimatorError(ADEVError, ValueError):
+    """An estimator was chosen for a distribution (or a place) it cannot handle."""
+
+
+class OutsideExpectationError(ADEVError, RuntimeError):
+    """`px.sample` ran outside a function transformed by `px.expectation`."""
+
+
+class ObjectiveShapeError(ADEVError, TypeError):
+    """The objective returned something other than floating-point values of the needed shape."""

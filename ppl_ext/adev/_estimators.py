@@ -1,0 +1,402 @@
+"""Gradient estimators, one per strategy, chosen per sample site.
+
+Each estimator is an `eqx.Module`. Local estimators (reparameterisation, score function)
+need only the final value of the program, so they work inside loop bodies: they return the
+sample and two surrogate terms that the interpreter accumulates. Continuation estimators
+(enumeration, measure-valued derivatives, leave-one-out) evaluate the rest of the program
+more than once; the interpreter hands them the continuation `k`.
+
+Surrogate convention. In surrogate mode every value `v` computed by the interpreter is
+numerically the value estimate, and its forward-mode tangent is the ADEV tangent estimate.
+With `sg` = `jax.lax.stop_gradient`, a score-function site contributes
+`A += log p(x) - sg(log p(x))` (zero in value, score in tangent) and
+`B += sg(b) * (log p(x) - sg(log p(x)))`; the program's final value `y` becomes
+`y + sg(y) * A - B`, whose tangent is `ẏ + (y - b) * d log p(x)` summed over sites.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from jaxtyping import Array, ArrayLike
+
+from ._errors import UnsupportedEstimatorError
+
+sg = jax.lax.stop_gradient
+
+#: Largest joint support that `Enum` enumerates for a batch-shaped site.
+MAX_ENUMERATION_SIZE = 4096
+
+Continuation = Callable[[Array], list[Array]]
+
+
+def _name(distribution: dist.Distribution) -> str:
+    return type(distribution).__name__
+
+
+class AbstractEstimator(eqx.Module):
+    """Interface of a gradient estimator for one sample site.
+
+    Subclasses are final; they implement `check` and either `local` (local estimators) or
+    `run` (continuation estimators).
+    """
+
+    continuation: ClassVar[bool] = False
+
+    def check(self, distribution: dist.Distribution, site: str) -> None:
+        """Raise `UnsupportedEstimatorError` naming `site` if `distribution` is unsupported."""
+
+
+class AbstractLocalEstimator(AbstractEstimator):
+    """An estimator that needs only the program's final value (works inside loops)."""
+
+    def local(
+        self, key: Array, distribution: dist.Distribution, surrogate: bool
+    ) -> tuple[Array, Array | None, Array | None]:
+        """Draw the site's value; in surrogate mode also return the `A` and `B` terms."""
+        raise NotImplementedError
+
+
+class AbstractContinuationEstimator(AbstractEstimator):
+    """An estimator that evaluates the rest of the program (the continuation) itself."""
+
+    continuation: ClassVar[bool] = True
+
+    def run(
+        self,
+        key: Array,
+        distribution: dist.Distribution,
+        k: Continuation,
+        surrogate: bool,
+        dtype: Any,
+    ) -> list[Array]:
+        """Return the estimate of `E[k(x)]` (a surrogate in surrogate mode).
+
+        `k` maps a value of the site to the list of the program's final outputs; it is
+        vmappable over a leading axis of values.
+        """
+        raise NotImplementedError
+
+
+def _score(distribution: dist.Distribution, x: Array) -> Array:
+    log_p = jnp.sum(distribution.log_prob(x))
+    return log_p - sg(log_p)
+
+
+class Reparam(AbstractLocalEstimator):
+    """Reparameterisation (pathwise) gradient: `x = g(φ, ε)` with `ε` from a fixed base.
+
+    Covers implicit reparameterisation, e.g. numpyro's Gamma, Beta and Dirichlet samplers,
+    whose samples are differentiable in their parameters. Unbiased when the rest of the
+    program is differentiable in `x` almost everywhere *and* continuous; a step function of
+    `x` (a comparison, `floor`, a branch on `x`) makes the pathwise gradient biased — use
+    `reinforce` or `mvd` for such sites.
+
+    Reference: Kingma & Welling 2014; Figurnov et al. 2018 (implicit reparameterisation).
+    """
+
+    def check(self, distribution, site):
+        if not distribution.has_rsample:
+            raise UnsupportedEstimatorError(
+                f"{site}: reparam needs a reparameterisable distribution, and "
+                f"{_name(distribution)} has no rsample. Use estimator=px.reinforce, "
+                "px.enum (finite support) or px.mvd instead."
+            )
+
+    def local(self, key, distribution, surrogate):
+        return distribution.rsample(key), None, None
+
+
+class RunningAverage(eqx.Module):
+    """A baseline state: an exponential moving average of objective estimates.
+
+    Pass it to the objective as an argument and use `Reinforce(baseline=state.value)`;
+    after each step call `state = state.update(estimate)`. The baseline used at a step
+    never depends on that step's draws, so the estimator stays unbiased.
+
+    Example:
+        >>> import jax.numpy as jnp, ppl_ext as px
+        >>> state = px.RunningAverage(jnp.array(0.0), decay=0.5)
+        >>> float(state.update(jnp.array(2.0)).value)
+        1.0
+    """
+
+    value: Array
+    decay: float = eqx.field(static=True, default=0.9)
+
+    def update(self, estimate: ArrayLike) -> "RunningAverage":
+        """Return the state after seeing one more objective estimate."""
+        new = self.decay * self.value + (1.0 - self.decay) * sg(jnp.asarray(estimate))
+        return RunningAverage(new, self.decay)
+
+
+class Reinforce(AbstractLocalEstimator):
+    """Score-function (REINFORCE) gradient with an optional baseline.
+
+    Tangent: `ẏ + (y - b) · d/dε log p(x; φ + εφ̇)` where `y` is the program's final value
+    and `b` a scalar baseline that must not depend on `x` (a constant, a `RunningAverage`,
+    or a learned value passed into the objective as an argument; its gradient is zero, so
+    learn it with its own loss, e.g. `(y - b)²`). A batch-shaped site uses its summed log
+    density. Works for every distribution with a `log_prob`.
+
+    Reference: Williams 1992; Mohamed et al. 2020, section 4.
+    """
+
+    baseline: Any = None
+
+    def check(self, distribution, site):
+        b = self._baseline_value()
+        if b is not None and jnp.shape(b) != ():
+            raise UnsupportedEstimatorError(
+                f"{site}: a Reinforce baseline must be a scalar, got shape {jnp.shape(b)}."
+            )
+
+    def _baseline_value(self):
+        if isinstance(self.baseline, RunningAverage):
+            return self.baseline.value
+        return self.baseline
+
+    def local(self, key, distribution, surrogate):
+        x = sg(distribution.sample(key))
+        if not surrogate:
+            return x, None, None
+        score = _score(distribution, x)
+        b = self._baseline_value()
+        return x, score, (None if b is None else sg(jnp.asarray(b)) * score)
+
+
+def _support_values(distribution: dist.Distribution, site: str, dtype) -> Array:
+    """All joint values of a finite-support site, shape `(S,) + distribution.shape()`."""
+    batch = distribution.batch_shape
+    n = math.prod(batch)
+    if n == 1:
+        return distribution.enumerate_support(expand=True).astype(dtype)
+    if distribution.event_shape != ():
+        raise UnsupportedEstimatorError(
+            f"{site}: enumeration of a batch-shaped site needs a scalar event shape, got "
+            f"{distribution.event_shape}."
+        )
+    support = distribution.enumerate_support(expand=False).reshape(-1)
+    size = support.shape[0] ** n
+    if size > MAX_ENUMERATION_SIZE:
+        raise UnsupportedEstimatorError(
+            f"{site}: enumerating {n} batch elements with {support.shape[0]} values each "
+            f"means {size} joint values (limit {MAX_ENUMERATION_SIZE}). Use px.mvd or "
+            "px.reinforce, or split the site."
+        )
+    combos = np.array(list(itertools.product(range(support.shape[0]), repeat=n)))
+    return support[combos].reshape((size,) + batch).astype(dtype)
+
+
+class Enum(AbstractContinuationEstimator):
+    """Exact enumeration over a finite support: `Σ_s p_s(φ) k(s)`, as a dual number.
+
+    Supports every numpyro distribution with `has_enumerate_support` (Bernoulli,
+    Categorical, Binomial, DiscreteUniform, ...). A batch-shaped site is enumerated jointly
+    (at most `MAX_ENUMERATION_SIZE` values). The rest of the program is evaluated once per
+    value, vectorised with `vmap`, with the same randomness for every value (common random
+    numbers, which keeps it unbiased). A continuation estimator: refused inside loop
+    bodies.
+    """
+
+    def check(self, distribution, site):
+        if not distribution.has_enumerate_support:
+            raise UnsupportedEstimatorError(
+                f"{site}: enum needs finite support, and {_name(distribution)} has no "
+                "enumerate_support. Use px.reinforce, px.reparam or px.mvd."
+            )
+        _support_values(distribution, site, jnp.int32)
+
+    def run(self, key, distribution, k, surrogate, dtype):
+        values = _support_values(distribution, "enum site", dtype)
+        size = values.shape[0]
+        log_p = jax.vmap(distribution.log_prob)(values).reshape(size, -1).sum(-1)
+        p = jnp.exp(log_p)
+        outs = jax.vmap(k)(values)
+        result = []
+        for out in outs:
+            w = p.reshape((size,) + (1,) * (out.ndim - 1)).astype(out.dtype)
+            result.append(jnp.sum(jnp.where(w > 0, w * out, 0), axis=0))
+        return result
+
+
+def _univariate_base(distribution: dist.Distribution) -> dist.Distribution:
+    base = distribution
+    while isinstance(base, (dist.ExpandedDistribution, dist.Independent)):
+        base = base.base_dist
+    return base
+
+
+_MVD_FAMILIES = (
+    dist.Normal,
+    dist.BernoulliProbs,
+    dist.BernoulliLogits,
+    dist.CategoricalProbs,
+    dist.CategoricalLogits,
+    dist.Poisson,
+)
+
+
+class _MVDTerm(NamedTuple):
+    """One parameter's weak derivative: `∂φ_m p = c_m (p⁺_m - p⁻_m)` for entries `m`."""
+
+    param: Array  # (M,), differentiable
+    weight: Array  # (M,) the constants c_m
+    element: np.ndarray  # (M,) flat index of the element changed
+    plus: Array  # (M,) value of that element under p⁺
+    minus: Array | None  # (M,) value under p⁻, or None when p⁻ is the site's own law
+
+
+def _mvd_terms(base, shape, x_flat, key) -> list[_MVDTerm]:
+    n = x_flat.shape[0]
+    elements = np.arange(n)
+    if isinstance(base, dist.Normal):
+        loc = jnp.broadcast_to(base.loc, shape).reshape(n)
+        scale = jnp.broadcast_to(base.scale, shape).reshape(n)
+        k1, k2, k3 = jax.random.split(key, 3)
+        # Positive/negative parts of ∂μ N are μ ± σ·Rayleigh(1); ∂σ N = (Maxwell - N)/σ.
+        rayleigh = jnp.sqrt(-2.0 * jnp.log(jax.random.uniform(k1, (n,), minval=1e-12)))
+        maxwell = jnp.linalg.norm(jax.random.normal(k2, (n, 3)), axis=-1)
+        maxwell = maxwell * jax.random.rademacher(k3, (n,), dtype=maxwell.dtype)
+        c_loc = 1.0 / (sg(scale) * math.sqrt(2.0 * math.pi))
+        return [
+            _MVDTerm(loc, c_loc, elements, sg(loc + scale * rayleigh), sg(loc - scale * rayleigh)),
+            _MVDTerm(scale, 1.0 / sg(scale), elements, sg(loc + scale * maxwell), None),
+        ]
+    if isinstance(base, (dist.BernoulliProbs, dist.BernoulliLogits)):
+        probs = jnp.broadcast_to(base.probs, shape).reshape(n)
+        one = jnp.ones((n,), x_flat.dtype)
+        return [_MVDTerm(probs, jnp.ones_like(probs), elements, one, jnp.zeros_like(one))]
+    if isinstance(base, (dist.CategoricalProbs, dist.CategoricalLogits)):
+        num = base.probs.shape[-1]
+        probs = jnp.broadcast_to(base.probs, shape + (num,)).reshape(n * num)
+        plus = jnp.tile(jnp.arange(num, dtype=x_flat.dtype), n)
+        # Σ_j ṗ_j = 0, so Σ_j ṗ_j (k(j) - k(x)) = Σ_j ṗ_j k(j): p⁻ is the site's own law.
+        return [_MVDTerm(probs, jnp.ones_like(probs), np.repeat(elements, num), plus, None)]
+    if isinstance(base, dist.Poisson):
+        rate = jnp.broadcast_to(base.rate, shape).reshape(n)
+        # ∂λ Pois(k; λ) = Pois(k - 1; λ) - Pois(k; λ): p⁺ is the site's law shifted by one.
+        return [_MVDTerm(rate, jnp.ones_like(rate), elements, x_flat + 1, None)]
+    raise AssertionError(type(base))
+
+
+class MVD(AbstractContinuationEstimator):
+    """Measure-valued derivative: `∂φ p = c(φ)(p⁺ - p⁻)`, with coupled positive/negative draws.
+
+    Tangent: `Σ_m φ̇_m c_m (k(x⁺_m) - k(x⁻_m))` plus the tangent of `k(x)` itself, where
+    `x⁺_m` (`x⁻_m`) replaces the element of `x` that parameter entry `m` controls by a draw
+    from `p⁺` (`p⁻`). Supported: Normal (loc: `μ ± σ·Rayleigh`; scale:
+    double-sided Maxwell against the Normal itself), Bernoulli (`δ₁ - δ₀`), Categorical
+    (`δ_j`, using `Σ_j ṗ_j = 0`) and Poisson (shift by one), also batch-shaped, expanded
+    or wrapped by `to_event`. The rest of the program runs once more per parameter entry
+    (vectorised), with the same downstream randomness. In value mode it costs one
+    evaluation. A continuation estimator: refused inside loop bodies.
+
+    Reference: Mohamed, Rosca, Figurnov & Mnih 2020, "Monte Carlo gradient estimation in
+    machine learning", section 6 and table 1; Pflug 1989.
+    """
+
+    def check(self, distribution, site):
+        base = _univariate_base(distribution)
+        if not isinstance(base, _MVD_FAMILIES) or base.event_shape != ():
+            raise UnsupportedEstimatorError(
+                f"{site}: mvd supports Normal, Bernoulli, Categorical and Poisson (possibly "
+                f"expanded or to_event), not {_name(distribution)}. Use px.reinforce, "
+                "px.reparam or px.enum."
+            )
+
+    def run(self, key, distribution, k, surrogate, dtype):
+        key_x, key_mvd = jax.random.split(key)
+        x = sg(distribution.sample(key_x)).astype(dtype)
+        outs = k(x)
+        if not surrogate:
+            return outs
+        shape = distribution.shape()
+        x_flat = x.reshape(-1)
+        terms = _mvd_terms(_univariate_base(distribution), shape, x_flat, key_mvd)
+        alternatives = []
+        for term in terms:
+            alternatives.append(x_flat[None, :].repeat(term.element.size, 0)
+                                .at[np.arange(term.element.size), term.element]
+                                .set(term.plus.astype(dtype)))
+            if term.minus is not None:
+                alternatives.append(x_flat[None, :].repeat(term.element.size, 0)
+                                    .at[np.arange(term.element.size), term.element]
+                                    .set(term.minus.astype(dtype)))
+        stacked = jnp.concatenate(alternatives, 0).reshape((-1,) + shape)
+        alt_outs = jax.vmap(k)(stacked)
+        result = []
+        for out, alt in zip(outs, alt_outs):
+            alt = sg(alt)
+            correction = jnp.zeros_like(out)
+            offset = 0
+            for term in terms:
+                m = term.element.size
+                diff = alt[offset : offset + m] - (
+                    alt[offset + m : offset + 2 * m] if term.minus is not None else sg(out)[None]
+                )
+                offset += 2 * m if term.minus is not None else m
+                coeff = (term.param - sg(term.param)) * sg(term.weight)
+                coeff = coeff.reshape((m,) + (1,) * out.ndim).astype(out.dtype)
+                correction = correction + jnp.sum(coeff * diff, axis=0)
+            result.append(out + correction)
+        return result
+
+
+class LeaveOneOut(AbstractContinuationEstimator):
+    """`num_samples` iid draws, each scored against the mean of the others (VIMCO-style).
+
+    Value: `(1/n) Σ_i k(x_i)`. Tangent: `(1/n) Σ_i [k̇(x_i) + (k(x_i) - b_i) · d log p(x_i)]`
+    with `b_i = mean_{j≠i} k(x_j)`. Unbiased because `b_i` does not depend on `x_i`. The rest
+    of the program runs once per draw (vectorised) with shared downstream randomness.
+    A continuation estimator: refused inside loop bodies.
+
+    Reference: Kool, van Hoof & Welling 2019, "Buy 4 REINFORCE samples, get a baseline for
+    free!"; Mnih & Rezende 2016 (VIMCO).
+    """
+
+    num_samples: int = eqx.field(static=True, default=4)
+
+    def check(self, distribution, site):
+        if not isinstance(self.num_samples, int) or self.num_samples < 2:
+            raise UnsupportedEstimatorError(
+                f"{site}: LeaveOneOut needs num_samples >= 2, got {self.num_samples!r}."
+            )
+
+    def run(self, key, distribution, k, surrogate, dtype):
+        n = self.num_samples
+        xs = sg(distribution.sample(key, (n,))).astype(dtype)
+        outs = jax.vmap(k)(xs)
+        if not surrogate:
+            return [jnp.mean(out, axis=0) for out in outs]
+        log_p = jax.vmap(distribution.log_prob)(xs).reshape(n, -1).sum(-1)
+        score = log_p - sg(log_p)
+        result = []
+        for out in outs:
+            y = sg(out)
+            baseline = (jnp.sum(y, axis=0, keepdims=True) - y) / (n - 1)
+            s = score.reshape((n,) + (1,) * (out.ndim - 1)).astype(out.dtype)
+            result.append(jnp.mean(out + (y - baseline) * s, axis=0))
+        return result
+
+
+reparam = Reparam()
+reinforce = Reinforce()
+enum = Enum()
+mvd = MVD()
+
+
+def default_estimator(distribution: dist.Distribution) -> AbstractEstimator:
+    """Reparameterisation when the distribution has `rsample`, score function otherwise."""
+    return reparam if distribution.has_rsample else reinforce
+
+
+__all__: Sequence[str] = ()

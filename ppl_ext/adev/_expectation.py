@@ -1,0 +1,193 @@
+"""`px.expectation`: turn an expectation program into unbiased estimators."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core
+from jax._src.interpreters import partial_eval as pe
+
+from ._errors import ObjectiveShapeError
+from ._interpreter import apply_acc, run_jaxpr, zero_acc
+from ._primitives import bind_nested, inside_expectation, tracing_expectation
+
+
+class _Program:
+    """A traced expectation program; hashable by identity (a static custom_jvp argument)."""
+
+    __slots__ = ("jaxpr",)
+
+    def __init__(self, jaxpr: core.Jaxpr):
+        self.jaxpr = jaxpr
+
+
+def _evaluate(program: _Program, key, consts, args, surrogate: bool):
+    acc = zero_acc() if surrogate else None
+    return run_jaxpr(program.jaxpr, consts, args, key, acc, surrogate, apply_acc)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _estimate(program: _Program, key, consts, args):
+    return _evaluate(program, key, consts, args, surrogate=False)
+
+
+@_estimate.defjvp
+def _estimate_jvp(program: _Program, primals, tangents):
+    key, consts, args = primals
+    _, consts_dot, args_dot = tangents
+
+    def surrogate(consts, args):
+        return _evaluate(program, key, consts, args, surrogate=True)
+
+    return jax.jvp(surrogate, (consts, args), (consts_dot, args_dot))
+
+
+def _as_key(key) -> jax.Array:
+    key_dtype = getattr(key, "dtype", None)
+    if key_dtype is not None and jax.dtypes.issubdtype(key_dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(
+                f"expected a single PRNG key, got a key array of shape {key.shape}; "
+                "vmap over keys with jax.vmap(f.estimate, in_axes=(0, None))."
+            )
+        return key
+    if key_dtype == jnp.uint32 and getattr(key, "shape", None) == (2,):
+        return jax.random.wrap_key_data(key)
+    raise TypeError(
+        "an expectation is called as f(key, *args) with a jax PRNG key first "
+        f"(jax.random.key(0)); got {type(key).__name__} "
+        f"{getattr(key, 'shape', '')} {key_dtype or ''}."
+    )
+
+
+def _trace(fn: Callable, args: tuple) -> tuple[core.ClosedJaxpr, Any, list]:
+    flat, in_tree = jax.tree.flatten(args)
+
+    def flat_fn(*flat):
+        with tracing_expectation():
+            return fn(*jax.tree.unflatten(in_tree, flat))
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*flat)
+    leaves, out_tree = jax.tree.flatten(out_shape)
+    name = getattr(fn, "__name__", repr(fn))
+    if not leaves:
+        raise ObjectiveShapeError(f"expectation program {name} returned no values.")
+    for leaf in leaves:
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            raise ObjectiveShapeError(
+                f"expectation program {name} returned a {leaf.dtype} value; an "
+                "expectation must return floating-point values (cast with "
+                "jnp.asarray(x, float))."
+            )
+    return closed, out_tree, flat
+
+
+class Expectation:
+    """An expectation program `E[P(*args)]` with unbiased value and gradient estimators.
+
+    Created by `px.expectation`. Called as `f(key, *args)` it returns an unbiased estimate
+    of `E[P(*args)]` that is differentiable: `jax.grad`, `jax.jvp` and `jax.vmap` of it
+    give unbiased gradient estimates, through a custom JVP rule that JAX linearises and
+    transposes (reverse mode costs what ordinary reverse mode costs). Inside another
+    expectation program, call it without a key: `f(*args)` is then an unbiased sample of
+    its value, with its own gradient estimator.
+
+    Estimators are first-order: second derivatives of an estimate are not estimates of
+    second derivatives.
+    """
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+        self._estimate = jax.jit(self.__call__)
+        self._grad = jax.jit(self._grad_impl)
+        self._value_and_grad = jax.jit(self._value_and_grad_impl)
+
+    def __call__(self, *args):
+        if inside_expectation():
+            closed, out_tree, flat = _trace(self.fn, args)
+            jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
+            label = f"nested expectation {getattr(self.fn, '__name__', '')}".strip()
+            outs = bind_nested(jaxpr, [*closed.consts, *flat], label)
+            return jax.tree.unflatten(out_tree, outs)
+        if not args:
+            raise TypeError("an expectation is called as f(key, *args).")
+        key, *rest = args
+        key = _as_key(key)
+        closed, out_tree, flat = _trace(self.fn, tuple(rest))
+        outs = _estimate(_Program(closed.jaxpr), key, list(closed.consts), flat)
+        return jax.tree.unflatten(out_tree, outs)
+
+    def estimate(self, key, *args):
+        """Unbiased estimate of `E[P(*args)]` (jitted)."""
+        return self._estimate(key, *args)
+
+    def _scalar(self, key, *args):
+        out = self(key, *args)
+        if not isinstance(out, jax.Array) or out.shape != ():
+            shape = getattr(out, "shape", jax.tree.structure(out))
+            raise ObjectiveShapeError(
+                f"gradients need a scalar objective, but {self.__name__} returns {shape}. "
+                "Reduce it (e.g. jnp.sum) or differentiate one output with jax.jacrev."
+            )
+        return out
+
+    def _argnums(self, args):
+        if not args:
+            raise TypeError("grad needs at least one argument after the key.")
+        return tuple(range(1, len(args) + 1))
+
+    def _grad_impl(self, key, *args):
+        grads = jax.grad(self._scalar, argnums=self._argnums(args))(key, *args)
+        return grads[0] if len(args) == 1 else grads
+
+    def _value_and_grad_impl(self, key, *args):
+        value, grads = jax.value_and_grad(self._scalar, argnums=self._argnums(args))(
+            key, *args
+        )
+        return value, (grads[0] if len(args) == 1 else grads)
+
+    def grad(self, key, *args):
+        """Unbiased estimate of the gradient w.r.t. every argument after the key (jitted).
+
+        One argument gives its gradient; several give a tuple, like `jax.grad` with
+        `argnums=(1, ..., n)`.
+        """
+        return self._grad(key, *args)
+
+    def value_and_grad(self, key, *args):
+        """`(estimate, gradient estimate)` from the same draws (jitted)."""
+        return self._value_and_grad(key, *args)
+
+
+def expectation(fn: Callable) -> Expectation:
+    """Transform an expectation program into unbiased value and gradient estimators.
+
+    `fn(*args)` is an ordinary JAX function that draws random choices with `px.sample` and
+    returns floating-point values; it denotes `E[fn(*args)]`. The result `f` gives
+    `f.estimate(key, *args)`, `f.grad(key, *args)`, `f.value_and_grad(key, *args)`, and is
+    itself differentiable: `jax.grad(f, argnums=1)(key, theta) == f.grad(key, theta)`.
+
+    Example:
+        >>> import jax, ppl_ext as px, numpyro.distributions as dist
+        >>> @px.expectation
+        ... def f(theta):
+        ...     x = px.sample(dist.Normal(theta, 1.0))
+        ...     return (x - 3.0) ** 2
+        >>> keys = jax.random.split(jax.random.key(0), 20000)
+        >>> g = jax.vmap(f.grad, in_axes=(0, None))(keys, 1.0)
+        >>> abs(float(g.mean()) - 2 * (1.0 - 3.0)) < 0.1
+        True
+
+    Reference: Lew, Huot, Staton & Mansinghka 2023, "ADEV: sound automatic
+    differentiation of expected values of probabilistic programs" (POPL).
+    """
+    if isinstance(fn, Expectation):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"px.expectation expects a function, got {type(fn).__name__}.")
+    return Expectation(fn)

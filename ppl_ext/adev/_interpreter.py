@@ -1,0 +1,408 @@
+"""The jaxpr interpreter that implements ADEV by a surrogate program.
+
+A small engine (`run_jaxpr`) walks the equations of a jaxpr. Equations without sample
+sites inside are bound unchanged (so JAX's own JVP and transpose rules, custom_jvp rules
+included, apply to them). Equations with sample sites go to a rule in `RULES`, keyed by
+primitive; a primitive with sites inside and no rule is an error naming it.
+
+Two modes share the engine:
+- value mode (`surrogate=False`) computes the value estimate only;
+- surrogate mode computes a value numerically equal to the value estimate whose forward
+  tangent is the ADEV tangent estimate (see `_estimators.py` for the convention). The
+  custom JVP rule of an expectation is `jax.jvp` of surrogate mode.
+
+Continuation-passing: the engine takes a continuation `cont(outs, acc)` that finishes the
+*whole* program from the end of this jaxpr. Continuation estimators (enum, mvd,
+leave-one-out) call `resume`, which runs the rest of the program from the next equation.
+Inside loop bodies there is no continuation (`cont=None`); there, rules return the loop
+body's outputs and refuse continuation estimators with an error naming the site.
+
+Randomness: each jaxpr scope splits its key once, one key per equation that consumes
+randomness (sample sites and sub-programs with sites), in equation order. Loops give each
+iteration its own key (`split` for scan, `fold_in` of the counter for while).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core
+from jax._src import source_info_util
+
+from ._errors import UnsupportedEstimatorError, UnsupportedPrimitiveError
+from ._primitives import nested_p, sample_p
+
+sg = lax.stop_gradient
+
+Acc = tuple[jax.Array, jax.Array] | None
+Cont = Callable[[list[Any], Acc], Any]
+
+
+class Scope(NamedTuple):
+    keys: Any  # (m,) key array, one per randomness-consuming equation; None if m == 0
+    slots: dict[int, int]
+    surrogate: bool
+    where: tuple[str, ...]
+
+
+class Continue(NamedTuple):
+    outs: list[Any]
+    acc: Acc
+
+
+class Final(NamedTuple):
+    outs: Any
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def _sub_jaxprs(params: dict[str, Any]):
+    for value in params.values():
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for item in items:
+            if isinstance(item, core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, core.Jaxpr):
+                yield item
+
+
+@functools.lru_cache(maxsize=8192)
+def has_sites(jaxpr: core.Jaxpr) -> bool:
+    """Whether `jaxpr` draws randomness (sample sites or nested expectations), recursively."""
+    return any(_eqn_has_sites(eqn) for eqn in jaxpr.eqns)
+
+
+def _eqn_has_sites(eqn) -> bool:
+    if eqn.primitive in (sample_p, nested_p):
+        return True
+    return any(has_sites(j) for j in _sub_jaxprs(eqn.params))
+
+
+@functools.lru_cache(maxsize=8192)
+def first_continuation_site(jaxpr: core.Jaxpr) -> str | None:
+    """Label of the first continuation-estimator site in `jaxpr` (not inside nested expectations)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is sample_p and eqn.params["continuation"]:
+            return eqn.params["label"]
+        if eqn.primitive is nested_p:
+            continue
+        for sub in _sub_jaxprs(eqn.params):
+            found = first_continuation_site(sub)
+            if found is not None:
+                return found
+    return None
+
+
+@functools.lru_cache(maxsize=8192)
+def _slots(jaxpr: core.Jaxpr) -> dict[int, int]:
+    slots: dict[int, int] = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        if _eqn_has_sites(eqn):
+            slots[i] = len(slots)
+    return slots
+
+
+def _closed(value) -> tuple[core.Jaxpr, list[Any]]:
+    if isinstance(value, core.ClosedJaxpr):
+        return value.jaxpr, list(value.consts)
+    return value, []
+
+
+# ------------------------------------------------------------------------------- engine
+
+
+def zero_acc(dtype=None) -> Acc:
+    dtype = dtype or jnp.result_type(float)
+    return (jnp.zeros((), dtype), jnp.zeros((), dtype))
+
+
+def add_acc(acc: Acc, score, baseline_term) -> Acc:
+    a, b = acc
+    if score is not None:
+        a = a + score.astype(a.dtype)
+    if baseline_term is not None:
+        b = b + baseline_term.astype(b.dtype)
+    return (a, b)
+
+
+def apply_acc(outs: list[Any], acc: Acc) -> list[Any]:
+    """Turn final values `y` into surrogates `y + sg(y)·A - B` (identity in value mode)."""
+    if acc is None:
+        return list(outs)
+    a, b = acc
+    return [y + sg(y) * a.astype(y.dtype) - b.astype(y.dtype) for y in outs]
+
+
+def run_jaxpr(
+    jaxpr: core.Jaxpr,
+    consts: list[Any],
+    args: list[Any],
+    key: Any,
+    acc: Acc,
+    surrogate: bool,
+    cont: Cont | None,
+    where: tuple[str, ...] = (),
+):
+    """Interpret `jaxpr`. With `cont`, return `cont`'s result; without, `(outs, acc)`."""
+    env: dict[Any, Any] = {}
+    for var, val in zip(jaxpr.constvars, consts, strict=True):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, args, strict=True):
+        env[var] = val
+    slots = _slots(jaxpr)
+    if not slots:
+        keys = None
+    elif len(slots) == 1:
+        keys = key[None]
+    else:
+        keys = jax.random.split(key, len(slots))
+    scope = Scope(keys, slots, surrogate, where)
+    return _run_from(jaxpr, 0, env, scope, acc, cont)
+
+
+def _read(env, atom):
+    return atom.val if isinstance(atom, core.Literal) else env[atom]
+
+
+def _write(env, eqn, outs):
+    if eqn.primitive.multiple_results:
+        for var, val in zip(eqn.outvars, outs, strict=True):
+            env[var] = val
+    else:
+        env[eqn.outvars[0]] = outs[0] if isinstance(outs, (list, tuple)) else outs
+
+
+def _run_from(jaxpr, start, env, scope: Scope, acc: Acc, cont: Cont | None):
+    eqns = jaxpr.eqns
+    for i in range(start, len(eqns)):
+        eqn = eqns[i]
+        invals = [_read(env, v) for v in eqn.invars]
+        slot = scope.slots.get(i)
+        if slot is None:
+            params = eqn.primitive.get_bind_params(eqn.params)
+            with source_info_util.user_context(eqn.source_info.traceback), eqn.ctx.manager:
+                outs = eqn.primitive.bind(*invals, **params)
+            _write(env, eqn, outs)
+            continue
+        rule = RULES.get(eqn.primitive)
+        if rule is None:
+            raise UnsupportedPrimitiveError(
+                f"ppl_ext cannot transform the primitive '{eqn.primitive.name}' because it "
+                f"has sample sites inside it{_where(scope.where)} "
+                f"(at {source_info_util.summarize(eqn.source_info)}). Move the px.sample "
+                "calls out of it, or write it with jit, cond/switch, scan, fori_loop or "
+                "while_loop."
+            )
+        resume = None
+        if cont is not None:
+
+            def resume(outs, acc2, i=i, eqn=eqn):
+                env2 = dict(env)
+                _write(env2, eqn, outs)
+                return _run_from(jaxpr, i + 1, env2, scope, acc2, cont)
+
+        result = rule(eqn, invals, scope.keys[slot], acc, scope, resume)
+        if isinstance(result, Final):
+            return result.outs
+        _write(env, eqn, result.outs)
+        acc = result.acc
+    outs = [_read(env, v) for v in jaxpr.outvars]
+    return (outs, acc) if cont is None else cont(outs, acc)
+
+
+def _where(where: tuple[str, ...]) -> str:
+    return f" (inside {' > '.join(where)})" if where else ""
+
+
+# -------------------------------------------------------------------------------- rules
+
+RULES: dict[Any, Callable[..., Continue | Final]] = {}
+
+
+def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
+    params = eqn.params
+    distribution, estimator = jax.tree.unflatten(params["tree"], invals)
+    dtype = params["out_aval"].dtype
+    if not estimator.continuation:
+        x, score, baseline_term = estimator.local(key, distribution, scope.surrogate)
+        x = jnp.asarray(x).astype(dtype)
+        if scope.surrogate:
+            acc = add_acc(acc, score, baseline_term)
+        return Continue([x], acc)
+    if resume is None:
+        raise UnsupportedEstimatorError(
+            f"{params['label']} uses the continuation estimator "
+            f"{type(estimator).__name__}{_where(scope.where)}. Continuation estimators "
+            "evaluate the rest of the program several times, which a loop body cannot "
+            "do. Use px.reinforce (with a baseline) or px.reparam for this site, or write "
+            "the loop as a Python for loop (unrolled)."
+        )
+    fresh = zero_acc() if scope.surrogate else None
+    outs = estimator.run(
+        key, distribution, lambda x: resume([x], fresh), scope.surrogate, dtype
+    )
+    return Final(apply_acc(outs, acc))
+
+
+def _call_rule(eqn, invals, key, acc, scope: Scope, resume):
+    """Nested jit / closed_call / remat: interpret the body inline."""
+    param = "call_jaxpr" if "call_jaxpr" in eqn.params else "jaxpr"
+    jaxpr, consts = _closed(eqn.params[param])
+    where = scope.where + (f"{eqn.primitive.name} {eqn.params.get('name', '')}".strip(),)
+    if resume is not None and first_continuation_site(jaxpr) is not None:
+        return Final(
+            run_jaxpr(jaxpr, consts, invals, key, acc, scope.surrogate, resume, where)
+        )
+    outs, acc = run_jaxpr(jaxpr, consts, invals, key, acc, scope.surrogate, None, where)
+    return Continue(outs, acc)
+
+
+def _cond_rule(eqn, invals, key, acc, scope: Scope, resume):
+    index, *ops = invals
+    branches = eqn.params["branches"]
+    where = scope.where + ("lax.cond/switch branch",)
+    if resume is not None and any(
+        first_continuation_site(b.jaxpr) is not None for b in branches
+    ):
+        # Each branch finishes the whole program; the selected branch's result is kept.
+        finals = [
+            run_jaxpr(b.jaxpr, list(b.consts), ops, key, acc, scope.surrogate, resume, where)
+            for b in branches
+        ]
+        which = jnp.clip(index, 0, len(branches) - 1).astype(jnp.int32)
+        return Final(
+            [lax.select_n(which, *values) for values in zip(*finals, strict=True)]
+        )
+
+    def branch_fn(branch):
+        def fn(key, acc, ops):
+            return run_jaxpr(
+                branch.jaxpr, list(branch.consts), ops, key, acc, scope.surrogate, None, where
+            )
+
+        return fn
+
+    outs, acc = lax.switch(index, [branch_fn(b) for b in branches], key, acc, ops)
+    return Continue(list(outs), acc)
+
+
+def _scan_rule(eqn, invals, key, acc, scope: Scope, resume):
+    params = eqn.params
+    body, body_consts = _closed(params["jaxpr"])
+    ft_in = params["ft_in"]
+    num_consts, num_carry = len(ft_in.elts[0]), len(ft_in.elts[1])
+    consts = invals[:num_consts]
+    init = invals[num_consts : num_consts + num_carry]
+    xs = invals[num_consts + num_carry :]
+    length = params["length"]
+    where = scope.where + ("lax.scan body",)
+
+    def step(carry, x):
+        acc, c = carry
+        k, xv = x
+        outs, acc = run_jaxpr(
+            body, body_consts, [*consts, *c, *xv], k, acc, scope.surrogate, None, where
+        )
+        return (acc, outs[:num_carry]), outs[num_carry:]
+
+    keys = jax.random.split(key, length)
+    (acc, carry), ys = lax.scan(
+        step,
+        (acc, init),
+        (keys, xs),
+        length=length,
+        reverse=params["reverse"],
+        unroll=params["unroll"],
+    )
+    return Continue([*carry, *ys], acc)
+
+
+def _while_rule(eqn, invals, key, acc, scope: Scope, resume):
+    params = eqn.params
+    cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
+    nc, nb = params["cond_nconsts"], params["body_nconsts"]
+    if has_sites(cond_jaxpr.jaxpr):
+        raise UnsupportedPrimitiveError(
+            "px.sample inside the condition of a while_loop is not supported"
+            f"{_where(scope.where)}; draw inside the body and carry the value."
+        )
+    cond_consts, body_consts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
+    where = scope.where + ("lax.while_loop body",)
+
+    def cond_fn(carry):
+        _, _, _, c = carry
+        return jax.core.eval_jaxpr(cond_jaxpr.jaxpr, cond_jaxpr.consts, *cond_consts, *c)[0]
+
+    def body_fn(carry):
+        k, count, acc, c = carry
+        outs, acc = run_jaxpr(
+            body_jaxpr.jaxpr,
+            list(body_jaxpr.consts),
+            [*body_consts, *c],
+            jax.random.fold_in(k, count),
+            acc,
+            scope.surrogate,
+            None,
+            where,
+        )
+        return k, count + 1, acc, outs
+
+    _, _, acc, outs = lax.while_loop(cond_fn, body_fn, (key, jnp.uint32(0), acc, init))
+    return Continue(list(outs), acc)
+
+
+def _custom_rule(eqn, invals, key, acc, scope: Scope, resume):
+    raise UnsupportedPrimitiveError(
+        f"px.sample inside the {eqn.primitive.name} function "
+        f"'{eqn.params.get('name', '?')}'{_where(scope.where)}: its hand-written derivative "
+        "rule does not know about the random choices, so the gradient would be wrong. Draw "
+        "outside the custom_jvp/custom_vjp function and pass the value in."
+    )
+
+
+def _nested_rule(eqn, invals, key, acc, scope: Scope, resume):
+    """A nested expectation: an unbiased sample of its value, with its own tangent."""
+    jaxpr = eqn.params["jaxpr"]
+    inner = zero_acc() if scope.surrogate else None
+    outs = run_jaxpr(
+        jaxpr,
+        [],
+        invals,
+        key,
+        inner,
+        scope.surrogate,
+        apply_acc,
+        scope.where + ("nested expectation",),
+    )
+    return Continue(list(outs), acc)
+
+
+RULES[sample_p] = _sample_rule
+RULES[nested_p] = _nested_rule
+
+
+def _register_by_name():
+    from jax._src import core as _core
+    from jax._src.pjit import jit_p
+    from jax._src.lax.control_flow.conditionals import cond_p
+    from jax._src.lax.control_flow.loops import scan_p, while_p
+    from jax._src.ad_checkpoint import remat_p
+    from jax._src.custom_derivatives import custom_jvp_call_p, custom_vjp_call_p
+
+    RULES[jit_p] = _call_rule
+    RULES[_core.closed_call_p] = _call_rule
+    RULES[remat_p] = _call_rule
+    RULES[cond_p] = _cond_rule
+    RULES[scan_p] = _scan_rule
+    RULES[while_p] = _while_rule
+    RULES[custom_jvp_call_p] = _custom_rule
+    RULES[custom_vjp_call_p] = _custom_rule
+
+
+_register_by_name()

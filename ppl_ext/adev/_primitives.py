@@ -1,0 +1,168 @@
+"""The `sample` primitive and the nested-expectation primitive.
+
+`px.sample` binds `sample_p` so that sample sites survive tracing into a jaxpr (also inside
+`scan`, `cond`, `while_loop` and nested `jit`). The site's distribution and estimator are
+flattened into the primitive's operands (so traced parameters and baselines flow through)
+and their tree structure is a static parameter. Only the interpreter in `_interpreter.py`
+gives the primitive a meaning; binding it anywhere else is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any
+
+import jax
+import numpyro.distributions as dist
+from jax.interpreters import batching, mlir
+from jax.extend import core
+from jax._src import source_info_util
+
+from ._errors import OutsideExpectationError, UnsupportedPrimitiveError
+from ._estimators import AbstractEstimator, default_estimator
+
+_TRACING = contextvars.ContextVar("ppl_ext_tracing_expectation", default=0)
+
+
+@contextlib.contextmanager
+def tracing_expectation():
+    """Mark the dynamic extent in which a program is traced for an expectation."""
+    token = _TRACING.set(_TRACING.get() + 1)
+    try:
+        yield
+    finally:
+        _TRACING.reset(token)
+
+
+def inside_expectation() -> bool:
+    """Whether we are tracing the body of an expectation program."""
+    return _TRACING.get() > 0
+
+
+def _outside(name: str):
+    def rule(*args, **params):
+        raise OutsideExpectationError(
+            f"{params.get('label', name)} was evaluated outside an expectation. px.sample "
+            "and nested expectations only have a meaning inside a function transformed "
+            "by px.expectation; call that function as f(key, *args)."
+        )
+
+    return rule
+
+
+sample_p = core.Primitive("ppl_ext_sample")
+sample_p.def_abstract_eval(lambda *leaves, out_aval, **_: out_aval)
+sample_p.def_impl(_outside("px.sample"))
+mlir.register_lowering(sample_p, _outside("px.sample"))
+
+
+def _sample_batch(args, dims, **params):
+    raise UnsupportedPrimitiveError(
+        f"{params['label']} is inside jax.vmap within the expectation program. Draw "
+        "vectorised independent values with a batch-shaped distribution instead "
+        "(`d.expand((n,))` or a numpyro plate), or vmap the whole expectation from outside."
+    )
+
+
+def _sample_jvp(primals, tangents, **params):
+    raise UnsupportedPrimitiveError(
+        f"{params['label']} is differentiated inside the expectation program (jax.grad or "
+        "jax.jvp inside the program). Differentiate the expectation from outside: "
+        "jax.grad(f, argnums=1)(key, theta) or f.grad(key, theta)."
+    )
+
+
+batching.primitive_batchers[sample_p] = _sample_batch
+jax.interpreters.ad.primitive_jvps[sample_p] = _sample_jvp
+
+
+def _site_label(name: str | None, distribution, estimator) -> str:
+    where = source_info_util.summarize(source_info_util.current())
+    named = f" {name!r}" if name is not None else ""
+    return (
+        f"sample site{named} ({type(distribution).__name__}, estimator "
+        f"{type(estimator).__name__}, at {where})"
+    )
+
+
+def sample(
+    distribution: dist.Distribution,
+    estimator: AbstractEstimator | None = None,
+    *,
+    name: str | None = None,
+) -> jax.Array:
+    """Draw a random choice inside an expectation program.
+
+    **Arguments:**
+
+    - `distribution`: a numpyro distribution; a batch-shaped one is one site drawing
+      independent values (use `.expand((n,))` for vectorised iid draws).
+    - `estimator`: how this site's gradient is estimated: `px.reparam`, `px.reinforce`,
+      `px.Reinforce(baseline=b)`, `px.enum`, `px.mvd` or `px.LeaveOneOut(n)`. The default is
+      `px.reparam` if the distribution has `rsample`, else `px.reinforce`.
+    - `name`: optional, used in error messages.
+
+    **Returns:** the drawn value, shaped `distribution.shape()`. Its randomness comes from
+    the key of the enclosing expectation: each site and each loop iteration gets its own.
+
+    Example:
+        >>> import jax, ppl_ext as px, numpyro.distributions as dist
+        >>> @px.expectation
+        ... def f(theta):
+        ...     return px.sample(dist.Normal(theta, 1.0)) ** 2
+        >>> float(f.grad(jax.random.key(0), 0.0)) == float(f.grad(jax.random.key(0), 0.0))
+        True
+    """
+    if not isinstance(distribution, dist.Distribution):
+        raise TypeError(
+            f"px.sample expects a numpyro distribution, got {type(distribution).__name__}."
+        )
+    if estimator is None:
+        estimator = default_estimator(distribution)
+    if not isinstance(estimator, AbstractEstimator):
+        raise TypeError(
+            f"estimator= must be a ppl_ext estimator (px.reparam, px.reinforce, px.enum, "
+            f"px.mvd, px.Reinforce(...), px.LeaveOneOut(n)), got {estimator!r}."
+        )
+    label = _site_label(name, distribution, estimator)
+    estimator.check(distribution, label)
+    leaves, tree = jax.tree.flatten((distribution, estimator))
+    shape = jax.eval_shape(distribution.sample, jax.random.key(0))
+    out_aval = jax.core.ShapedArray(shape.shape, shape.dtype)
+    return sample_p.bind(
+        *leaves,
+        tree=tree,
+        out_aval=out_aval,
+        continuation=estimator.continuation,
+        label=label,
+    )
+
+
+def _nested_abstract(*args, jaxpr, **_):
+    return [v.aval for v in jaxpr.outvars]
+
+
+nested_p = core.Primitive("ppl_ext_expectation")
+nested_p.multiple_results = True
+nested_p.def_abstract_eval(_nested_abstract)
+nested_p.def_impl(_outside("nested expectation"))
+mlir.register_lowering(nested_p, _outside("nested expectation"))
+
+
+def _nested_batch(args, dims, **params):
+    raise UnsupportedPrimitiveError(
+        f"{params['label']} is inside jax.vmap within an expectation program; call it "
+        "without vmap or vmap the outer expectation from outside."
+    )
+
+
+batching.primitive_batchers[nested_p] = _nested_batch
+jax.interpreters.ad.primitive_jvps[nested_p] = lambda primals, tangents, **params: _sample_jvp(
+    primals, tangents, **params
+)
+
+
+def bind_nested(jaxpr: Any, args: list[Any], label: str) -> list[Any]:
+    """Bind a nested expectation (its jaxpr takes constants first, then arguments)."""
+    return nested_p.bind(*args, jaxpr=jaxpr, label=label)
