@@ -1,0 +1,42 @@
+"""Statistical helpers for tests (see conftest.py for the false-failure budget)."""
+
+import jax
+import numpy as np
+
+K_SE = 4.0
+NUM_ESTIMATES = 10_000
+
+
+
+
+def mean_and_se(samples) -> tuple[np.ndarray, np.ndarray]:
+    samples = np.asarray(samples, dtype=np.float64)
+    return samples.mean(0), samples.std(0, ddof=1) / np.sqrt(samples.shape[0])
+
+
+def assert_unbiased(samples, exact, k: float = K_SE, atol: float = 1e-5, what: str = ""):
+    """Assert the mean of `samples` (leading axis) is within `k` standard errors of `exact`."""
+    mean, se = mean_and_se(samples)
+    exact = np.asarray(exact, dtype=np.float64)
+    bound = k * se + atol
+    bad = np.abs(mean - exact) > bound
+    assert not np.any(bad), (
+        f"{what}: mean {mean} vs exact {exact}, {k} standard errors = {k * se}"
+    )
+
+
+def tree_allclose(a, b, rtol=1e-5, atol=1e-6) -> bool:
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    return tree_a == tree_b and all(
+        np.allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+        for x, y in zip(leaves_a, leaves_b)
+    )
+
+
+def many(f, num=NUM_ESTIMATES, seed=0):
+    """Vectorised, jitted `f(key)` over `num` independent keys."""
+    keys = jax.random.split(jax.random.key(seed), num)
+    return jax.jit(jax.vmap(f))(keys)
+
+
