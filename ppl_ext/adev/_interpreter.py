@@ -357,10 +357,20 @@ def _while_rule(eqn, invals, key, acc, scope: Scope, resume):
     return Continue(list(outs), acc)
 
 
+def _function_name(eqn) -> str:
+    for value in eqn.params.values():
+        jaxpr = value.jaxpr if isinstance(value, core.ClosedJaxpr) else value
+        debug = getattr(jaxpr, "debug_info", None)
+        if isinstance(jaxpr, core.Jaxpr) and debug is not None:
+            return str(getattr(debug, "func_name", "?")).split(" ")[0]
+    return str(eqn.params.get("name", "?"))
+
+
 def _custom_rule(eqn, invals, key, acc, scope: Scope, resume):
     raise UnsupportedPrimitiveError(
-        f"px.sample inside the {eqn.primitive.name} function "
-        f"'{eqn.params.get('name', '?')}'{_where(scope.where)}: its hand-written derivative "
+        f"px.sample inside the {eqn.primitive.name} function '{_function_name(eqn)}' "
+        f"(at {source_info_util.summarize(eqn.source_info)}){_where(scope.where)}: its "
+        "hand-written derivative "
         "rule does not know about the random choices, so the gradient would be wrong. Draw "
         "outside the custom_jvp/custom_vjp function and pass the value in."
     )

@@ -1,0 +1,142 @@
+"""What the transformation cannot handle correctly is refused with an error naming it."""
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+import pytest
+from jax import lax
+
+import ppl_ext as px
+
+
+def run(fn, *args):
+    return px.expectation(fn).grad(jax.random.key(0), *args)
+
+
+@pytest.mark.parametrize("estimator", [px.enum, px.mvd, px.LeaveOneOut(3)],
+                         ids=["enum", "mvd", "leave_one_out"])
+@pytest.mark.parametrize("loop", ["scan", "fori_loop", "while_loop"])
+def test_continuation_estimator_in_loop_is_refused(estimator, loop):
+    def draw(t):
+        return px.sample(dist.Bernoulli(logits=t), estimator, name="coin").astype(float)
+
+    def program(t):
+        if loop == "scan":
+            return lax.scan(lambda c, _: (c + draw(t), None), 0.0, length=3)[0]
+        if loop == "fori_loop":
+            return lax.fori_loop(0, 3, lambda i, c: c + draw(t), 0.0)
+        return lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] + draw(t)),
+                              (0, 0.0))[1]
+
+    with pytest.raises(px.UnsupportedEstimatorError,
+                       match=r"'coin'.*(scan|while_loop) body.*px.reinforce"):
+        px.expectation(program).estimate(jax.random.key(0), 0.3)
+
+
+def test_reparam_on_discrete_is_refused():
+    with pytest.raises(px.UnsupportedEstimatorError, match="Bernoulli.*no rsample"):
+        run(lambda t: px.sample(dist.Bernoulli(logits=t), px.reparam) * 1.0, 0.1)
+
+
+def test_enum_on_continuous_is_refused():
+    with pytest.raises(px.UnsupportedEstimatorError, match="enum needs finite support"):
+        run(lambda t: px.sample(dist.Normal(t, 1.0), px.enum), 0.1)
+
+
+def test_mvd_on_unsupported_family_is_refused():
+    with pytest.raises(px.UnsupportedEstimatorError, match="mvd supports.*not Gamma"):
+        run(lambda t: px.sample(dist.Gamma(t, 1.0), px.mvd), 1.0)
+
+
+def test_enumeration_too_large_is_refused():
+    with pytest.raises(px.UnsupportedEstimatorError, match="joint values"):
+        run(lambda t: jnp.sum(px.sample(dist.Bernoulli(logits=t).expand((20,)), px.enum)) * 1.0,
+            0.1)
+
+
+def test_bad_baseline_and_loo_size():
+    with pytest.raises(px.UnsupportedEstimatorError, match="baseline must be a scalar"):
+        run(lambda t: px.sample(dist.Normal(t, 1.0), px.Reinforce(baseline=jnp.ones(2))), 0.1)
+    with pytest.raises(px.UnsupportedEstimatorError, match="num_samples >= 2"):
+        run(lambda t: px.sample(dist.Normal(t, 1.0), px.LeaveOneOut(1)), 0.1)
+
+
+def test_sample_in_custom_jvp_is_refused():
+    @jax.custom_jvp
+    def noisy(t):
+        return px.sample(dist.Normal(t, 1.0))
+
+    noisy.defjvp(lambda p, t: (noisy(*p), t[0]))
+    with pytest.raises(px.UnsupportedPrimitiveError, match="custom_jvp_call.*noisy"):
+        run(lambda t: noisy(t) ** 2, 0.1)
+
+
+def test_sample_in_custom_vjp_is_refused():
+    @jax.custom_vjp
+    def noisy(t):
+        return px.sample(dist.Normal(t, 1.0))
+
+    noisy.defvjp(lambda t: (noisy(t), None), lambda _, g: (g,))
+    with pytest.raises(px.UnsupportedPrimitiveError, match="custom_vjp_call"):
+        run(lambda t: noisy(t) ** 2, 0.1)
+
+
+def test_primitive_without_rule_is_refused():
+    def program(t):
+        def matvec(x):
+            return x * px.sample(dist.Normal(t, 1.0))
+        return lax.custom_linear_solve(matvec, jnp.ones(()), lambda mv, b: b)
+
+    with pytest.raises(px.UnsupportedPrimitiveError, match="'custom_linear_solve'"):
+        run(program, 0.1)
+
+
+def test_vmap_and_grad_inside_program_are_refused():
+    with pytest.raises(px.UnsupportedPrimitiveError, match="inside jax.vmap.*expand"):
+        run(lambda t: jnp.sum(jax.vmap(lambda m: px.sample(dist.Normal(m, 1.0)))(t)),
+            jnp.ones(3))
+    with pytest.raises(px.UnsupportedPrimitiveError, match="differentiated inside"):
+        run(lambda t: jax.grad(lambda s: px.sample(dist.Normal(s, 1.0)))(t), 0.1)
+
+
+def test_sample_in_while_condition_is_refused():
+    def program(t):
+        return lax.while_loop(lambda c: c + px.sample(dist.Normal(t, 1.0)) < 3.0,
+                              lambda c: c + 1.0, 0.0)
+
+    with pytest.raises(px.UnsupportedPrimitiveError, match="condition of a while_loop"):
+        run(program, 0.1)
+
+
+def test_non_scalar_objective_for_grad():
+    f = px.expectation(lambda t: px.sample(dist.Normal(t, 1.0)))
+    with pytest.raises(px.ObjectiveShapeError, match="scalar objective.*\\(3,\\)"):
+        f.grad(jax.random.key(0), jnp.zeros(3))
+    assert f.estimate(jax.random.key(0), jnp.zeros(3)).shape == (3,)
+
+
+def test_integer_objective():
+    f = px.expectation(lambda t: px.sample(dist.Bernoulli(logits=t)))
+    with pytest.raises(px.ObjectiveShapeError, match="int32"):
+        f.estimate(jax.random.key(0), 0.1)
+
+
+def test_sample_outside_expectation():
+    with pytest.raises(px.OutsideExpectationError, match="outside an expectation"):
+        px.sample(dist.Normal(0.0, 1.0))
+    with pytest.raises(px.OutsideExpectationError, match="outside an expectation"):
+        jax.jit(lambda: px.sample(dist.Normal(0.0, 1.0)))()
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="numpyro distribution"):
+        run(lambda t: px.sample(t), 0.1)
+    with pytest.raises(TypeError, match="estimator= must be"):
+        run(lambda t: px.sample(dist.Normal(t, 1.0), "reparam"), 0.1)
+    f = px.expectation(lambda t: px.sample(dist.Normal(t, 1.0)))
+    with pytest.raises(TypeError, match="PRNG key first"):
+        f.estimate(0.1, 0.2)
+    with pytest.raises(ValueError, match="single PRNG key"):
+        f.estimate(jax.random.split(jax.random.key(0), 3), 0.2)
+    with pytest.raises(TypeError, match="expects a function"):
+        px.expectation(3)
