@@ -1,0 +1,101 @@
+"""The `ppl-ext` command line: `ppl-ext demo` compares gradient estimators side by side."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _demo(num_estimates: int, seed: int) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import numpyro.distributions as dist
+
+    import ppl_ext as px
+
+    theta = 0.5
+    problems = []
+
+    # 1. a Normal location/scale problem: E[(x - 3)^2], x ~ Normal(theta, 0.5 + theta^2)
+    def scale(t):
+        return 0.5 + t**2
+
+    exact_value = (theta - 3.0) ** 2 + scale(theta) ** 2
+    exact_grad = 2 * (theta - 3.0) + 2 * scale(theta) * 2 * theta
+    normal = [
+        ("reparam", px.reparam),
+        ("reinforce", px.reinforce),
+        ("reinforce, baseline 7", px.Reinforce(baseline=7.0)),
+        ("leave-one-out (4)", px.LeaveOneOut(4)),
+        ("mvd", px.mvd),
+    ]
+    problems.append((
+        "E[(x - 3)^2], x ~ Normal(theta, 0.5 + theta^2), theta = 0.5",
+        [(name, px.expectation(
+            lambda t, e=e: (px.sample(dist.Normal(t, scale(t)), e) - 3.0) ** 2))
+         for name, e in normal],
+        exact_value, exact_grad,
+    ))
+
+    # 2. a discrete problem: E[f(b)], b ~ Bernoulli(sigmoid(theta)), f(b) = (b + 1)^2 theta
+    p = 1 / (1 + np.exp(-theta))
+    discrete = [
+        ("reinforce", px.reinforce),
+        ("leave-one-out (4)", px.LeaveOneOut(4)),
+        ("mvd", px.mvd),
+        ("enum", px.enum),
+    ]
+    problems.append((
+        "E[(b + 1)^2 theta], b ~ Bernoulli(sigmoid(theta)), theta = 0.5",
+        [(name, px.expectation(
+            lambda t, e=e: (px.sample(dist.Bernoulli(logits=t), e) + 1.0) ** 2 * t))
+         for name, e in discrete],
+        theta * (1 + 3 * p), (1 + 3 * p) + theta * 3 * p * (1 - p),
+    ))
+
+    keys = jax.random.split(jax.random.key(seed), num_estimates)
+    print(f"ppl_ext {px.__version__} demo: {num_estimates} estimates per row, "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}\n")
+    for title, rows, exact_v, exact_g in problems:
+        print(title)
+        print(f"  exact value {exact_v:.4f}, exact gradient {exact_g:.4f}")
+        header = (f"  {'estimator':<24}{'value mean':>12}{'grad mean':>12}{'± 4 SE':>9}"
+                  f"{'grad var':>11}{'µs/grad':>9}")
+        print(header)
+        print("  " + "-" * (len(header) - 2))
+        for name, f in rows:
+            fn = jax.jit(jax.vmap(f.value_and_grad, (0, None)))
+            values, grads = jax.block_until_ready(fn(keys, theta))
+            start = time.perf_counter()
+            jax.block_until_ready(fn(keys, theta))
+            micro = (time.perf_counter() - start) / num_estimates * 1e6
+            grads = np.asarray(grads, np.float64)
+            se = grads.std(ddof=1) / np.sqrt(grads.size)
+            print(f"  {name:<24}{float(values.mean()):>12.4f}{grads.mean():>12.4f}"
+                  f"{4 * se:>9.4f}{grads.var(ddof=1):>11.4f}{micro:>9.3f}")
+        print()
+    print("Every row is unbiased: each gradient mean lies within its 4 standard errors of "
+          "the exact gradient\n(up to a 6e-5 chance per row); the variance column is what "
+          "the choice of estimator buys.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `ppl-ext` command."""
+    parser = argparse.ArgumentParser(prog="ppl-ext", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="compare gradient estimators on small problems")
+    demo.add_argument("--num-estimates", type=int, default=20_000)
+    demo.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        if args.num_estimates < 2:
+            parser.error("--num-estimates must be at least 2")
+        return _demo(args.num_estimates, args.seed)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
