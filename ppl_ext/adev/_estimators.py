@@ -96,12 +96,16 @@ class Reparam(AbstractLocalEstimator):
 
     Covers implicit reparameterisation, e.g. numpyro's Gamma, Beta and Dirichlet samplers,
     whose samples are differentiable in their parameters. Unbiased when the rest of the
-    program is differentiable in `x` almost everywhere *and* continuous; a step function of
-    `x` (a comparison, `floor`, a branch on `x`) makes the pathwise gradient biased — use
-    `reinforce` or `mvd` for such sites.
+    program is continuous in `x` (and differentiable almost everywhere); a step function of
+    `x` (a comparison that selects a branch, `floor`, a cast to an integer) makes the
+    pathwise gradient biased. Such programs are refused when traced, naming the site and
+    the primitive; `allow_discontinuous=True` skips that check for a site whose program is
+    continuous where the branch switches (e.g. `jnp.where(x > 0, x, 0.0)`).
 
     Reference: Kingma & Welling 2014; Figurnov et al. 2018 (implicit reparameterisation).
     """
+
+    allow_discontinuous: bool = eqx.field(static=True, default=False)
 
     def check(self, distribution, site):
         if not distribution.has_rsample:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax.extend import core
 from jax._src.interpreters import partial_eval as pe
 
+from ._continuity import check_continuity
 from ._errors import ObjectiveShapeError
 from ._interpreter import apply_acc, run_jaxpr, zero_acc
 from ._primitives import bind_nested, inside_expectation, tracing_expectation
@@ -64,7 +65,7 @@ def _as_key(key) -> jax.Array:
     )
 
 
-def _trace(fn: Callable, args: tuple) -> tuple[core.ClosedJaxpr, Any, list]:
+def _trace(fn: Callable, args: tuple, check: bool = True) -> tuple[core.ClosedJaxpr, Any, list]:
     flat, in_tree = jax.tree.flatten(args)
 
     def flat_fn(*flat):
@@ -83,6 +84,8 @@ def _trace(fn: Callable, args: tuple) -> tuple[core.ClosedJaxpr, Any, list]:
                 "expectation must return floating-point values (cast with "
                 "jnp.asarray(x, float))."
             )
+    if check:
+        check_continuity(pe.convert_constvars_jaxpr(closed.jaxpr))
     return closed, out_tree, flat
 
 
@@ -109,7 +112,7 @@ class Expectation:
 
     def __call__(self, *args):
         if inside_expectation():
-            closed, out_tree, flat = _trace(self.fn, args)
+            closed, out_tree, flat = _trace(self.fn, args, check=False)
             jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
             label = f"nested expectation {getattr(self.fn, '__name__', '')}".strip()
             outs = bind_nested(jaxpr, [*closed.consts, *flat], label)

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
+import sys
 from typing import Any
 
 import jax
 import numpyro.distributions as dist
 from jax.interpreters import batching, mlir
 from jax.extend import core
-from jax._src import source_info_util
 
 from ._errors import OutsideExpectationError, UnsupportedPrimitiveError
-from ._estimators import AbstractEstimator, default_estimator
+from ._estimators import AbstractEstimator, Reparam, default_estimator
 
 _TRACING = contextvars.ContextVar("ppl_ext_tracing_expectation", default=0)
 
@@ -77,8 +78,23 @@ batching.primitive_batchers[sample_p] = _sample_batch
 jax.interpreters.ad.primitive_jvps[sample_p] = _sample_jvp
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _user_location() -> str:
+    """`file:line (function)` of the innermost caller outside ppl_ext, jax and numpyro."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith(_PACKAGE_DIR) or f"{os.sep}jax{os.sep}" in name
+                or f"{os.sep}numpyro{os.sep}" in name):
+            return f"{name}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return "unknown location"
+
+
 def _site_label(name: str | None, distribution, estimator) -> str:
-    where = source_info_util.summarize(source_info_util.current())
+    where = _user_location()
     named = f" {name!r}" if name is not None else ""
     return (
         f"sample site{named} ({type(distribution).__name__}, estimator "
@@ -135,6 +151,7 @@ def sample(
         tree=tree,
         out_aval=out_aval,
         continuation=estimator.continuation,
+        pathwise=isinstance(estimator, Reparam) and not estimator.allow_discontinuous,
         label=label,
     )
 

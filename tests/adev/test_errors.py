@@ -101,7 +101,7 @@ def test_vmap_and_grad_inside_program_are_refused():
 
 def test_sample_in_while_condition_is_refused():
     def program(t):
-        return lax.while_loop(lambda c: c + px.sample(dist.Normal(t, 1.0)) < 3.0,
+        return lax.while_loop(lambda c: c + px.sample(dist.Normal(t, 1.0), px.reinforce) < 3.0,
                               lambda c: c + 1.0, 0.0)
 
     with pytest.raises(px.UnsupportedPrimitiveError, match="condition of a while_loop"):
@@ -140,3 +140,38 @@ def test_bad_arguments():
         f.estimate(jax.random.split(jax.random.key(0), 3), 0.2)
     with pytest.raises(TypeError, match="expects a function"):
         px.expectation(3)
+
+
+def normal(t):
+    return px.sample(dist.Normal(t, 1.0), name="x")
+
+
+@pytest.mark.parametrize(
+    "program, primitive",
+    [
+        (lambda t: (normal(t) > 0).astype(float), "'gt'"),
+        (lambda t: jnp.where(normal(t) > 0, 1.0, 0.0), "select"),
+        (lambda t: jnp.floor(normal(t)), "'floor'"),
+        (lambda t: jnp.ones(3)[normal(t).astype(int)], "cast to int"),
+        (lambda t: lax.cond(normal(t) > 0, lambda: 1.0, lambda: 0.0), "lax.cond"),
+        (lambda t: lax.scan(lambda c, _: (c + normal(t), jnp.sign(c)), 0.0,
+                            length=3)[1].sum(), "'sign'"),
+        (lambda t: px.sample(dist.Normal(jnp.round(normal(t)), 1.0), px.reinforce), "'round'"),
+    ],
+    ids=["indicator", "where", "floor", "index", "cond", "scan_carry", "parameter"],
+)
+def test_reparam_into_discontinuity_is_refused(program, primitive):
+    """E[1{x > 0}] has gradient pdf(theta), but the pathwise estimator gives 0."""
+    with pytest.raises(px.UnsupportedEstimatorError, match=f"'x'.*discontinuous.*{primitive}"):
+        run(program, 0.3)
+
+
+def test_continuous_programs_pass_the_continuity_check():
+    # custom_jvp functions and numpyro's support checks are trusted; dead code is ignored;
+    # score-function sites may branch on their value; the opt-out skips the check.
+    run(lambda t: jax.nn.relu(normal(t)) + jnp.abs(normal(t)) + jnp.maximum(normal(t), 0.0), 0.3)
+    run(lambda t: dist.Gamma(2.0, 1.0).log_prob(jnp.exp(normal(t))), 0.3)
+    run(lambda t: (lambda x: [x, (x > 0).astype(float)][0])(normal(t)), 0.3)  # dead code
+    run(lambda t: (px.sample(dist.Normal(t, 1.0), px.reinforce) > 0).astype(float), 0.3)
+    run(lambda t: jnp.where(
+        px.sample(dist.Normal(t, 1.0), px.Reparam(allow_discontinuous=True)) > 0, 1.0, 0.0), 0.3)
