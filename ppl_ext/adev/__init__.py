@@ -4,6 +4,7 @@ from ._errors import (
     ADEVError as ADEVError,
     ObjectiveShapeError as ObjectiveShapeError,
     OutsideExpectationError as OutsideExpectationError,
+    SecondOrderError as SecondOrderError,
     UnsupportedEstimatorError as UnsupportedEstimatorError,
     UnsupportedPrimitiveError as UnsupportedPrimitiveError,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "Reinforce",
     "Reparam",
     "RunningAverage",
+    "SecondOrderError",
     "UnsupportedEstimatorError",
     "UnsupportedPrimitiveError",
     "default_estimator",

@@ -21,3 +21,7 @@ class OutsideExpectationError(ADEVError, RuntimeError):
 
 class ObjectiveShapeError(ADEVError, TypeError):
     """The objective returned something other than floating-point values of the needed shape."""
+
+
+class SecondOrderError(ADEVError, NotImplementedError):
+    """A second derivative of an estimate was requested; the estimators are first order."""

@@ -12,7 +12,7 @@ from jax.extend import core
 from jax._src.interpreters import partial_eval as pe
 
 from ._continuity import check_continuity
-from ._errors import ObjectiveShapeError
+from ._errors import ObjectiveShapeError, SecondOrderError
 from ._interpreter import apply_acc, run_jaxpr, zero_acc
 from ._primitives import bind_nested, inside_expectation, tracing_expectation
 
@@ -40,11 +40,31 @@ def _estimate(program: _Program, key, consts, args):
 def _estimate_jvp(program: _Program, primals, tangents):
     key, consts, args = primals
     _, consts_dot, args_dot = tangents
+    # The primals carry tangents of an enclosing differentiation only when a second
+    # derivative is being taken; `_first_order_only` refuses that.
+    consts, args = _first_order_only((consts, args))
 
     def surrogate(consts, args):
         return _evaluate(program, key, consts, args, surrogate=True)
 
     return jax.jvp(surrogate, (consts, args), (consts_dot, args_dot))
+
+
+@jax.custom_jvp
+def _first_order_only(primals):
+    """Identity; differentiating it (a second derivative of an estimate) is an error."""
+    return primals
+
+
+@_first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+    raise SecondOrderError(
+        "a second derivative of an expectation estimate was requested (e.g. jax.hessian, "
+        "or jax.grad of a function that calls f.grad). ppl_ext's estimators are first "
+        "order: differentiating a gradient estimate does not give an unbiased estimate of "
+        "the second derivative. Estimate Hessian-vector products with an expectation "
+        "program that computes them (e.g. a score-function identity) instead."
+    )
 
 
 def _as_key(key) -> jax.Array:

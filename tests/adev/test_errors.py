@@ -175,3 +175,17 @@ def test_continuous_programs_pass_the_continuity_check():
     run(lambda t: (px.sample(dist.Normal(t, 1.0), px.reinforce) > 0).astype(float), 0.3)
     run(lambda t: jnp.where(
         px.sample(dist.Normal(t, 1.0), px.Reparam(allow_discontinuous=True)) > 0, 1.0, 0.0), 0.3)
+
+
+def test_second_derivatives_are_refused():
+    f = px.expectation(lambda t: px.sample(dist.Normal(t, 1.0)) ** 2)
+    key = jax.random.key(0)
+    with pytest.raises(px.SecondOrderError, match="first order"):
+        jax.hessian(f, argnums=1)(key, 0.3)
+    with pytest.raises(px.SecondOrderError):
+        jax.grad(lambda t: f.grad(key, t))(0.3)
+    with pytest.raises(px.SecondOrderError):
+        jax.jacfwd(jax.jacfwd(f, argnums=1), argnums=1)(key, 0.3)
+    # first-order forward and reverse mode still work
+    assert jnp.isfinite(jax.jacfwd(f, argnums=1)(key, 0.3))
+    assert jnp.isfinite(jax.jvp(lambda t: f(key, t), (0.3,), (1.0,))[1])
