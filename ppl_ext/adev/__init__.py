@@ -2,6 +2,7 @@
 
 from ._errors import (
     ADEVError as ADEVError,
+    InvalidParameterError as InvalidParameterError,
     ObjectiveShapeError as ObjectiveShapeError,
     OutsideExpectationError as OutsideExpectationError,
     SecondOrderError as SecondOrderError,
@@ -37,6 +38,7 @@ __all__ = [
     "Expectation",
     "LeaveOneOut",
     "MAX_ENUMERATION_SIZE",
+    "InvalidParameterError",
     "MVD",
     "ObjectiveShapeError",
     "OutsideExpectationError",

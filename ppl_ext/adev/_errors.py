@@ -25,3 +25,11 @@ class ObjectiveShapeError(ADEVError, TypeError):
 
 class SecondOrderError(ADEVError, NotImplementedError):
     """A second derivative of an estimate was requested; the estimators are first order."""
+
+
+class InvalidParameterError(ADEVError, ValueError):
+    """A site's parameters violated their constraints at run time (numpyro validate_args).
+
+    Raised inside the compiled program, so JAX reports it wrapped in its runtime error,
+    whose message contains this one.
+    """

@@ -35,7 +35,13 @@ sg = jax.lax.stop_gradient
 #: Largest joint support that `Enum` enumerates for a batch-shaped site.
 MAX_ENUMERATION_SIZE = 4096
 
-Continuation = Callable[[Array], list[Array]]
+Continuation = Callable[[Array], tuple[list[Array], Array]]
+
+
+def first_invalid(invalid: Array) -> Array:
+    """The first invalid site id (>= 0) among evaluations of a continuation, or -1."""
+    invalid = jnp.ravel(invalid)
+    return jnp.max(invalid)
 
 
 def _name(distribution: dist.Distribution) -> str:
@@ -77,11 +83,13 @@ class AbstractContinuationEstimator(AbstractEstimator):
         k: Continuation,
         surrogate: bool,
         dtype: Any,
-    ) -> list[Array]:
+    ) -> tuple[list[Array], Array]:
         """Return the estimate of `E[k(x)]` (a surrogate in surrogate mode).
 
-        `k` maps a value of the site to the list of the program's final outputs; it is
-        vmappable over a leading axis of values.
+        `k` maps a value of the site to `(outputs, invalid)`: the list of the program's
+        final outputs and the id of the first later site with invalid parameters (-1 if
+        none); it is vmappable over a leading axis of values. Return the combined outputs
+        and the first invalid id over all evaluations (`first_invalid`).
         """
         raise NotImplementedError
 
@@ -224,12 +232,12 @@ class Enum(AbstractContinuationEstimator):
         size = values.shape[0]
         log_p = jax.vmap(distribution.log_prob)(values).reshape(size, -1).sum(-1)
         p = jnp.exp(log_p)
-        outs = jax.vmap(k)(values)
+        outs, invalid = jax.vmap(k)(values)
         result = []
         for out in outs:
             w = p.reshape((size,) + (1,) * (out.ndim - 1)).astype(out.dtype)
             result.append(jnp.sum(jnp.where(w > 0, w * out, 0), axis=0))
-        return result
+        return result, first_invalid(invalid)
 
 
 def _univariate_base(distribution: dist.Distribution) -> dist.Distribution:
@@ -320,9 +328,9 @@ class MVD(AbstractContinuationEstimator):
     def run(self, key, distribution, k, surrogate, dtype):
         key_x, key_mvd = jax.random.split(key)
         x = sg(distribution.sample(key_x)).astype(dtype)
-        outs = k(x)
+        outs, invalid = k(x)
         if not surrogate:
-            return outs
+            return outs, invalid
         shape = distribution.shape()
         x_flat = x.reshape(-1)
         terms = _mvd_terms(_univariate_base(distribution), shape, x_flat, key_mvd)
@@ -336,7 +344,7 @@ class MVD(AbstractContinuationEstimator):
                                     .at[np.arange(term.element.size), term.element]
                                     .set(term.minus.astype(dtype)))
         stacked = jnp.concatenate(alternatives, 0).reshape((-1,) + shape)
-        alt_outs = jax.vmap(k)(stacked)
+        alt_outs, alt_invalid = jax.vmap(k)(stacked)
         result = []
         for out, alt in zip(outs, alt_outs):
             alt = sg(alt)
@@ -352,7 +360,7 @@ class MVD(AbstractContinuationEstimator):
                 coeff = coeff.reshape((m,) + (1,) * out.ndim).astype(out.dtype)
                 correction = correction + jnp.sum(coeff * diff, axis=0)
             result.append(out + correction)
-        return result
+        return result, jnp.maximum(invalid, first_invalid(alt_invalid))
 
 
 class LeaveOneOut(AbstractContinuationEstimator):
@@ -378,9 +386,10 @@ class LeaveOneOut(AbstractContinuationEstimator):
     def run(self, key, distribution, k, surrogate, dtype):
         n = self.num_samples
         xs = sg(distribution.sample(key, (n,))).astype(dtype)
-        outs = jax.vmap(k)(xs)
+        outs, invalid = jax.vmap(k)(xs)
+        invalid = first_invalid(invalid)
         if not surrogate:
-            return [jnp.mean(out, axis=0) for out in outs]
+            return [jnp.mean(out, axis=0) for out in outs], invalid
         log_p = jax.vmap(distribution.log_prob)(xs).reshape(n, -1).sum(-1)
         score = log_p - sg(log_p)
         result = []
@@ -389,7 +398,7 @@ class LeaveOneOut(AbstractContinuationEstimator):
             baseline = (jnp.sum(y, axis=0, keepdims=True) - y) / (n - 1)
             s = score.reshape((n,) + (1,) * (out.ndim - 1)).astype(out.dtype)
             result.append(jnp.mean(out + (y - baseline) * s, axis=0))
-        return result
+        return result, invalid
 
 
 reparam = Reparam()

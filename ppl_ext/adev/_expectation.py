@@ -8,12 +8,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core
 from jax._src.interpreters import partial_eval as pe
 
 from ._continuity import check_continuity
 from ._errors import ObjectiveShapeError, SecondOrderError
-from ._interpreter import apply_acc, run_jaxpr, zero_acc
+from ._interpreter import finish, has_validated_sites, raise_if_invalid, run_jaxpr, zero_acc
 from ._primitives import bind_nested, inside_expectation, tracing_expectation
 
 
@@ -27,8 +28,8 @@ class _Program:
 
 
 def _evaluate(program: _Program, key, consts, args, surrogate: bool):
-    acc = zero_acc() if surrogate else None
-    return run_jaxpr(program.jaxpr, consts, args, key, acc, surrogate, apply_acc)
+    """`(outputs, invalid site id)` of the program, in value or surrogate mode."""
+    return run_jaxpr(program.jaxpr, consts, args, key, zero_acc(surrogate), surrogate, finish)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -47,7 +48,10 @@ def _estimate_jvp(program: _Program, primals, tangents):
     def surrogate(consts, args):
         return _evaluate(program, key, consts, args, surrogate=True)
 
-    return jax.jvp(surrogate, (consts, args), (consts_dot, args_dot))
+    outs, outs_dot, invalid = jax.jvp(
+        surrogate, (consts, args), (consts_dot, args_dot), has_aux=True
+    )
+    return (outs, invalid), (outs_dot, np.zeros(jnp.shape(invalid), jax.dtypes.float0))
 
 
 @jax.custom_jvp
@@ -137,27 +141,32 @@ class Expectation:
             label = f"nested expectation {getattr(self.fn, '__name__', '')}".strip()
             outs = bind_nested(jaxpr, [*closed.consts, *flat], label)
             return jax.tree.unflatten(out_tree, outs)
+        out, invalid, check = self._run(args)
+        return raise_if_invalid(out, invalid) if check else out
+
+    def _run(self, args):
+        """`(estimate, invalid site id, whether any site validates its parameters)`."""
         if not args:
             raise TypeError("an expectation is called as f(key, *args).")
         key, *rest = args
         key = _as_key(key)
         closed, out_tree, flat = _trace(self.fn, tuple(rest))
-        outs = _estimate(_Program(closed.jaxpr), key, list(closed.consts), flat)
-        return jax.tree.unflatten(out_tree, outs)
+        outs, invalid = _estimate(_Program(closed.jaxpr), key, list(closed.consts), flat)
+        return jax.tree.unflatten(out_tree, outs), invalid, has_validated_sites(closed.jaxpr)
 
     def estimate(self, key, *args):
         """Unbiased estimate of `E[P(*args)]` (jitted)."""
         return self._estimate(key, *args)
 
     def _scalar(self, key, *args):
-        out = self(key, *args)
+        out, invalid, check = self._run((key, *args))
         if not isinstance(out, jax.Array) or out.shape != ():
             shape = getattr(out, "shape", jax.tree.structure(out))
             raise ObjectiveShapeError(
                 f"gradients need a scalar objective, but {self.__name__} returns {shape}. "
                 "Reduce it (e.g. jnp.sum) or differentiate one output with jax.jacrev."
             )
-        return out
+        return out, (out, invalid, check)
 
     def _argnums(self, args):
         if not args:
@@ -165,14 +174,19 @@ class Expectation:
         return tuple(range(1, len(args) + 1))
 
     def _grad_impl(self, key, *args):
-        grads = jax.grad(self._scalar, argnums=self._argnums(args))(key, *args)
-        return grads[0] if len(args) == 1 else grads
+        grads, (_, invalid, check) = jax.grad(
+            self._scalar, argnums=self._argnums(args), has_aux=True
+        )(key, *args)
+        grads = grads[0] if len(args) == 1 else grads
+        # Tie the parameter check to the gradient itself: under jax.grad the value is dead.
+        return raise_if_invalid(grads, invalid) if check else grads
 
     def _value_and_grad_impl(self, key, *args):
-        value, grads = jax.value_and_grad(self._scalar, argnums=self._argnums(args))(
-            key, *args
-        )
-        return value, (grads[0] if len(args) == 1 else grads)
+        (value, grads), (_, invalid, check) = _value_and_grad_aux(
+            self._scalar, self._argnums(args)
+        )(key, *args)
+        result = value, (grads[0] if len(args) == 1 else grads)
+        return raise_if_invalid(result, invalid) if check else result
 
     def grad(self, key, *args):
         """Unbiased estimate of the gradient w.r.t. every argument after the key (jitted).
@@ -185,6 +199,14 @@ class Expectation:
     def value_and_grad(self, key, *args):
         """`(estimate, gradient estimate)` from the same draws (jitted)."""
         return self._value_and_grad(key, *args)
+
+
+def _value_and_grad_aux(fn, argnums):
+    def wrapped(*args):
+        (value, aux), grads = jax.value_and_grad(fn, argnums=argnums, has_aux=True)(*args)
+        return (value, grads), aux
+
+    return wrapped
 
 
 def expectation(fn: Callable) -> Expectation:

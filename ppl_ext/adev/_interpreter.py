@@ -12,7 +12,7 @@ Two modes share the engine:
   custom JVP rule of an expectation is `jax.jvp` of surrogate mode.
 
 Continuation-passing: the engine takes a continuation `cont(outs, acc)` that finishes the
-*whole* program from the end of this jaxpr. Continuation estimators (enum, mvd,
+*whole* program from the end of this jaxpr and returns `(outputs, invalid site id)`. Continuation estimators (enum, mvd,
 leave-one-out) call `resume`, which runs the rest of the program from the next equation.
 Inside loop bodies there is no continuation (`cont=None`); there, rules return the loop
 body's outputs and refuse continuation estimators with an error naming the site.
@@ -28,6 +28,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -35,11 +36,22 @@ from jax.extend import core
 from jax._src import source_info_util
 
 from ._errors import UnsupportedEstimatorError, UnsupportedPrimitiveError
-from ._primitives import nested_p, sample_p
+from ._primitives import nested_p, sample_p, site_labels
 
 sg = lax.stop_gradient
 
-Acc = tuple[jax.Array, jax.Array] | None
+class Acc(NamedTuple):
+    """What a program accumulates besides its values (see `_estimators.py`).
+
+    `score` and `baseline` are the surrogate terms `A` and `B` (None in value mode);
+    `invalid` is the id of the first site with invalid parameters, or -1.
+    """
+
+    score: Any
+    baseline: Any
+    invalid: Any
+
+
 Cont = Callable[[list[Any], Acc], Any]
 
 
@@ -117,26 +129,65 @@ def _closed(value) -> tuple[core.Jaxpr, list[Any]]:
 # ------------------------------------------------------------------------------- engine
 
 
-def zero_acc(dtype=None) -> Acc:
-    dtype = dtype or jnp.result_type(float)
-    return (jnp.zeros((), dtype), jnp.zeros((), dtype))
+def zero_acc(surrogate: bool) -> Acc:
+    """Accumulators at the start of a program (or of a continuation)."""
+    if not surrogate:
+        return Acc(None, None, jnp.int32(-1))
+    dtype = jnp.result_type(float)
+    return Acc(jnp.zeros((), dtype), jnp.zeros((), dtype), jnp.int32(-1))
 
 
 def add_acc(acc: Acc, score, baseline_term) -> Acc:
-    a, b = acc
+    a, b = acc.score, acc.baseline
     if score is not None:
         a = a + score.astype(a.dtype)
     if baseline_term is not None:
         b = b + baseline_term.astype(b.dtype)
-    return (a, b)
+    return acc._replace(score=a, baseline=b)
 
 
 def apply_acc(outs: list[Any], acc: Acc) -> list[Any]:
     """Turn final values `y` into surrogates `y + sg(y)·A - B` (identity in value mode)."""
-    if acc is None:
-        return list(outs)
-    a, b = acc
-    return [y + sg(y) * a.astype(y.dtype) - b.astype(y.dtype) for y in outs]
+    outs = list(outs)
+    if acc.score is not None:
+        a, b = acc.score, acc.baseline
+        outs = [y + sg(y) * a.astype(y.dtype) - b.astype(y.dtype) for y in outs]
+    return outs
+
+
+def finish(outs: list[Any], acc: Acc) -> tuple[list[Any], Any]:
+    """The continuation that ends a whole program: `(surrogate outputs, invalid site id)`."""
+    return apply_acc(outs, acc), acc.invalid
+
+
+def merge_invalid(first, second):
+    """The first invalid site id of two (-1 when none), elementwise."""
+    return jnp.where(first >= 0, first, second)
+
+
+def raise_if_invalid(values, invalid):
+    """Attach a run-time error naming the first site whose parameters were invalid."""
+    labels = site_labels()
+    messages = [
+        f"{label}: a parameter violates its constraint (numpyro's validate_args is on), so "
+        "the estimate would be NaN or wrong. Check the parameters passed to this site."
+        for label in labels
+    ]
+    index = jnp.clip(invalid, 0, len(labels) - 1)
+    return eqx.branched_error_if(values, invalid >= 0, index, messages)
+
+
+@functools.lru_cache(maxsize=8192)
+def has_validated_sites(jaxpr: core.Jaxpr) -> bool:
+    """Whether a site in `jaxpr` (outside nested expectations) checks its parameters."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is sample_p and eqn.params["validate"]:
+            return True
+        if eqn.primitive is not nested_p and any(
+            has_validated_sites(j) for j in _sub_jaxprs(eqn.params)
+        ):
+            return True
+    return False
 
 
 def run_jaxpr(
@@ -229,12 +280,15 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
     params = eqn.params
     distribution, estimator = jax.tree.unflatten(params["tree"], invals)
     dtype = params["out_aval"].dtype
+    if params["validate"]:
+        ok = _parameters_valid(distribution)
+        acc = acc._replace(
+            invalid=jnp.where((acc.invalid < 0) & ~ok, params["site_id"], acc.invalid)
+        )
     if not estimator.continuation:
         x, score, baseline_term = estimator.local(key, distribution, scope.surrogate)
         x = jnp.asarray(x).astype(dtype)
-        if scope.surrogate:
-            acc = add_acc(acc, score, baseline_term)
-        return Continue([x], acc)
+        return Continue([x], add_acc(acc, score, baseline_term))
     if resume is None:
         raise UnsupportedEstimatorError(
             f"{params['label']} uses the continuation estimator "
@@ -243,11 +297,21 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
             "do. Use px.reinforce (with a baseline) or px.reparam for this site, or write "
             "the loop as a Python for loop (unrolled)."
         )
-    fresh = zero_acc() if scope.surrogate else None
-    outs = estimator.run(
+    fresh = zero_acc(scope.surrogate)
+    outs, invalid = estimator.run(
         key, distribution, lambda x: resume([x], fresh), scope.surrogate, dtype
     )
-    return Final(apply_acc(outs, acc))
+    return Final((apply_acc(outs, acc), merge_invalid(acc.invalid, invalid)))
+
+
+def _parameters_valid(distribution) -> jax.Array:
+    """All parameter constraints hold (numpyro skips this check for traced values)."""
+    ok = jnp.bool_(True)
+    for name, constraint in distribution.arg_constraints.items():
+        value = getattr(distribution, name, None)
+        if value is not None:
+            ok = ok & jnp.all(constraint(value))
+    return ok
 
 
 def _call_rule(eqn, invals, key, acc, scope: Scope, resume):
@@ -276,9 +340,8 @@ def _cond_rule(eqn, invals, key, acc, scope: Scope, resume):
             for b in branches
         ]
         which = jnp.clip(index, 0, len(branches) - 1).astype(jnp.int32)
-        return Final(
-            [lax.select_n(which, *values) for values in zip(*finals, strict=True)]
-        )
+        outs = [lax.select_n(which, *values) for values in zip(*[f[0] for f in finals])]
+        return Final((outs, lax.select_n(which, *[f[1] for f in finals])))
 
     def branch_fn(branch):
         def fn(key, acc, ops):
@@ -379,18 +442,17 @@ def _custom_rule(eqn, invals, key, acc, scope: Scope, resume):
 def _nested_rule(eqn, invals, key, acc, scope: Scope, resume):
     """A nested expectation: an unbiased sample of its value, with its own tangent."""
     jaxpr = eqn.params["jaxpr"]
-    inner = zero_acc() if scope.surrogate else None
-    outs = run_jaxpr(
+    outs, invalid = run_jaxpr(
         jaxpr,
         [],
         invals,
         key,
-        inner,
+        zero_acc(scope.surrogate),
         scope.surrogate,
-        apply_acc,
+        finish,
         scope.where + ("nested expectation",),
     )
-    return Continue(list(outs), acc)
+    return Continue(list(outs), acc._replace(invalid=merge_invalid(acc.invalid, invalid)))
 
 
 RULES[sample_p] = _sample_rule

@@ -16,11 +16,17 @@ import sys
 from typing import Any
 
 import jax
+import numpyro
 import numpyro.distributions as dist
+import numpyro.primitives as numpyro_primitives
 from jax.interpreters import batching, mlir
 from jax.extend import core
 
-from ._errors import OutsideExpectationError, UnsupportedPrimitiveError
+from ._errors import (
+    OutsideExpectationError,
+    UnsupportedEstimatorError,
+    UnsupportedPrimitiveError,
+)
 from ._estimators import AbstractEstimator, Reparam, default_estimator
 
 _TRACING = contextvars.ContextVar("ppl_ext_tracing_expectation", default=0)
@@ -113,7 +119,10 @@ def sample(
     **Arguments:**
 
     - `distribution`: a numpyro distribution; a batch-shaped one is one site drawing
-      independent values (use `.expand((n,))` for vectorised iid draws).
+      independent values (use `.expand((n,))` or an enclosing `numpyro.plate` for
+      vectorised iid draws). If it was built with `validate_args=True` (or numpyro's
+      validation is enabled), its parameters are also checked at run time, so invalid
+      traced parameters raise an error naming the site instead of giving NaN.
     - `estimator`: how this site's gradient is estimated: `px.reparam`, `px.reinforce`,
       `px.Reinforce(baseline=b)`, `px.enum`, `px.mvd` or `px.LeaveOneOut(n)`. The default is
       `px.reparam` if the distribution has `rsample`, else `px.reinforce`.
@@ -142,6 +151,7 @@ def sample(
             f"px.mvd, px.Reinforce(...), px.LeaveOneOut(n)), got {estimator!r}."
         )
     label = _site_label(name, distribution, estimator)
+    distribution = _apply_plates(distribution, label)
     estimator.check(distribution, label)
     leaves, tree = jax.tree.flatten((distribution, estimator))
     shape = jax.eval_shape(distribution.sample, jax.random.key(0))
@@ -152,8 +162,39 @@ def sample(
         out_aval=out_aval,
         continuation=estimator.continuation,
         pathwise=isinstance(estimator, Reparam) and not estimator.allow_discontinuous,
+        validate=bool(distribution._validate_args),
+        site_id=_register_site(label),
         label=label,
     )
+
+
+_SITE_LABELS: dict[str, int] = {}
+
+
+def _register_site(label: str) -> int:
+    return _SITE_LABELS.setdefault(label, len(_SITE_LABELS))
+
+
+def site_labels() -> list[str]:
+    """Labels of all sites traced so far, indexed by site id (for run-time messages)."""
+    return list(_SITE_LABELS)
+
+
+def _apply_plates(distribution: dist.Distribution, label: str) -> dist.Distribution:
+    """Broadcast the site over enclosing `numpyro.plate`s, as `numpyro.sample` would."""
+    plates = [h for h in numpyro_primitives._PYRO_STACK if isinstance(h, numpyro.plate)]
+    if not plates:
+        return distribution
+    msg = {"type": "sample", "name": label, "fn": distribution, "args": (), "kwargs": {},
+           "value": None, "scale": None, "cond_indep_stack": [], "infer": {}}
+    for handler in reversed(plates):
+        handler.process_message(msg)
+    if msg["scale"] is not None and msg["scale"] != 1.0:
+        raise UnsupportedEstimatorError(
+            f"{label} is inside a subsampled numpyro.plate; px.sample does not rescale. "
+            "Use a plate without subsample_size and scale the objective yourself."
+        )
+    return msg["fn"]
 
 
 def _nested_abstract(*args, jaxpr, **_):

@@ -179,3 +179,17 @@ def test_running_average_baseline(key):
     assert 1.0 < float(state.value) < 10.0
     grads = many(lambda k: f.grad(k, 0.0, state)[0])
     assert_unbiased(grads, -4.0)
+
+
+def test_numpyro_plates_batch_sites(key):
+    import numpyro
+
+    @px.expectation
+    def f(theta):
+        with numpyro.plate("rows", 2, dim=-2), numpyro.plate("cols", 3):
+            x = px.sample(dist.Normal(theta, 1.0), px.reinforce)
+        assert x.shape == (2, 3)
+        return jnp.sum(x**2)
+
+    grads = many(lambda k: f.grad(k, 0.5))
+    assert_unbiased(grads, 6 * 2 * 0.5)

@@ -189,3 +189,32 @@ def test_second_derivatives_are_refused():
     # first-order forward and reverse mode still work
     assert jnp.isfinite(jax.jacfwd(f, argnums=1)(key, 0.3))
     assert jnp.isfinite(jax.jvp(lambda t: f(key, t), (0.3,), (1.0,))[1])
+
+
+def test_invalid_traced_parameters_raise_with_validate_args():
+    f = px.expectation(lambda s: px.sample(dist.Normal(0.0, s, validate_args=True)) ** 2)
+    assert jnp.isfinite(f.grad(jax.random.key(0), 0.5))
+    for method in [f.grad, f.estimate, f.value_and_grad]:
+        with pytest.raises(Exception, match=r"sample site.*a parameter violates its constraint"):
+            jax.block_until_ready(method(jax.random.key(0), -0.5))
+    # under vmap, one bad element is enough; the good ones alone pass
+    with pytest.raises(Exception, match="violates its constraint"):
+        jax.block_until_ready(jax.vmap(f.grad, (None, 0))(jax.random.key(0), jnp.array([0.5, -1.0])))
+    assert jnp.all(jnp.isfinite(jax.vmap(f.grad, (None, 0))(jax.random.key(0), jnp.array([0.5, 1.0]))))
+    # in loops too
+    g = px.expectation(lambda s: lax.scan(
+        lambda c, _: (c + px.sample(dist.Normal(0.0, s - c, validate_args=True)), None),
+        0.0, length=3)[0])
+    with pytest.raises(Exception, match="violates its constraint"):
+        jax.block_until_ready(g.estimate(jax.random.key(0), -0.1))
+
+
+def test_subsampled_plate_is_refused():
+    import numpyro
+
+    def program(t):
+        with numpyro.handlers.seed(rng_seed=0), numpyro.plate("data", 10, subsample_size=5):
+            return jnp.sum(px.sample(dist.Normal(t, 1.0)))
+
+    with pytest.raises(px.UnsupportedEstimatorError, match="subsampled numpyro.plate"):
+        run(program, 0.1)
