@@ -30,9 +30,14 @@ from .adev import (
     sample as sample,
 )
 
+from . import gen as gen, numpyro as numpyro, vi as vi
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "gen",
+    "numpyro",
+    "vi",
     "ADEVError",
     "AbstractContinuationEstimator",
     "AbstractEstimator",

@@ -89,12 +89,15 @@ def _as_key(key) -> jax.Array:
     )
 
 
-def _trace(fn: Callable, args: tuple, check: bool = True) -> tuple[core.ClosedJaxpr, Any, list]:
-    flat, in_tree = jax.tree.flatten(args)
+def _trace(
+    fn: Callable, args: tuple, kwargs: dict, check: bool = True
+) -> tuple[core.ClosedJaxpr, Any, list]:
+    flat, in_tree = jax.tree.flatten((args, kwargs))
 
     def flat_fn(*flat):
         with tracing_expectation():
-            return fn(*jax.tree.unflatten(in_tree, flat))
+            args, kwargs = jax.tree.unflatten(in_tree, flat)
+            return fn(*args, **kwargs)
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*flat)
     leaves, out_tree = jax.tree.flatten(out_shape)
@@ -134,32 +137,32 @@ class Expectation:
         self._grad = jax.jit(self._grad_impl)
         self._value_and_grad = jax.jit(self._value_and_grad_impl)
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         if inside_expectation():
-            closed, out_tree, flat = _trace(self.fn, args, check=False)
+            closed, out_tree, flat = _trace(self.fn, args, kwargs, check=False)
             jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
             label = f"nested expectation {getattr(self.fn, '__name__', '')}".strip()
             outs = bind_nested(jaxpr, [*closed.consts, *flat], label)
             return jax.tree.unflatten(out_tree, outs)
-        out, invalid, check = self._run(args)
+        out, invalid, check = self._run(args, kwargs)
         return raise_if_invalid(out, invalid) if check else out
 
-    def _run(self, args):
+    def _run(self, args, kwargs):
         """`(estimate, invalid site id, whether any site validates its parameters)`."""
         if not args:
             raise TypeError("an expectation is called as f(key, *args).")
         key, *rest = args
         key = _as_key(key)
-        closed, out_tree, flat = _trace(self.fn, tuple(rest))
+        closed, out_tree, flat = _trace(self.fn, tuple(rest), kwargs)
         outs, invalid = _estimate(_Program(closed.jaxpr), key, list(closed.consts), flat)
         return jax.tree.unflatten(out_tree, outs), invalid, has_validated_sites(closed.jaxpr)
 
-    def estimate(self, key, *args):
-        """Unbiased estimate of `E[P(*args)]` (jitted)."""
-        return self._estimate(key, *args)
+    def estimate(self, key, *args, **kwargs):
+        """Unbiased estimate of `E[P(*args, **kwargs)]` (jitted)."""
+        return self._estimate(key, *args, **kwargs)
 
-    def _scalar(self, key, *args):
-        out, invalid, check = self._run((key, *args))
+    def _scalar(self, key, *args, **kwargs):
+        out, invalid, check = self._run((key, *args), kwargs)
         if not isinstance(out, jax.Array) or out.shape != ():
             shape = getattr(out, "shape", jax.tree.structure(out))
             raise ObjectiveShapeError(
@@ -173,37 +176,39 @@ class Expectation:
             raise TypeError("grad needs at least one argument after the key.")
         return tuple(range(1, len(args) + 1))
 
-    def _grad_impl(self, key, *args):
+    def _grad_impl(self, key, *args, **kwargs):
         grads, (_, invalid, check) = jax.grad(
             self._scalar, argnums=self._argnums(args), has_aux=True
-        )(key, *args)
+        )(key, *args, **kwargs)
         grads = grads[0] if len(args) == 1 else grads
         # Tie the parameter check to the gradient itself: under jax.grad the value is dead.
         return raise_if_invalid(grads, invalid) if check else grads
 
-    def _value_and_grad_impl(self, key, *args):
+    def _value_and_grad_impl(self, key, *args, **kwargs):
         (value, grads), (_, invalid, check) = _value_and_grad_aux(
             self._scalar, self._argnums(args)
-        )(key, *args)
+        )(key, *args, **kwargs)
         result = value, (grads[0] if len(args) == 1 else grads)
         return raise_if_invalid(result, invalid) if check else result
 
-    def grad(self, key, *args):
-        """Unbiased estimate of the gradient w.r.t. every argument after the key (jitted).
+    def grad(self, key, *args, **kwargs):
+        """Unbiased estimate of the gradient w.r.t. every positional argument after the key.
 
-        One argument gives its gradient; several give a tuple, like `jax.grad` with
-        `argnums=(1, ..., n)`.
+        Jitted. One argument gives its gradient; several give a tuple, like `jax.grad`
+        with `argnums=(1, ..., n)`. Keyword arguments are not differentiated.
         """
-        return self._grad(key, *args)
+        return self._grad(key, *args, **kwargs)
 
-    def value_and_grad(self, key, *args):
+    def value_and_grad(self, key, *args, **kwargs):
         """`(estimate, gradient estimate)` from the same draws (jitted)."""
-        return self._value_and_grad(key, *args)
+        return self._value_and_grad(key, *args, **kwargs)
 
 
 def _value_and_grad_aux(fn, argnums):
-    def wrapped(*args):
-        (value, aux), grads = jax.value_and_grad(fn, argnums=argnums, has_aux=True)(*args)
+    def wrapped(*args, **kwargs):
+        (value, aux), grads = jax.value_and_grad(fn, argnums=argnums, has_aux=True)(
+            *args, **kwargs
+        )
         return (value, grads), aux
 
     return wrapped

@@ -31,12 +31,13 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpyro.distributions as dist
 from jax import lax
 from jax.extend import core
 from jax._src import source_info_util
 
 from ._errors import UnsupportedEstimatorError, UnsupportedPrimitiveError
-from ._primitives import nested_p, sample_p, site_labels
+from ._primitives import _FINITENESS as FINITENESS, nested_p, sample_p, site_labels
 
 sg = lax.stop_gradient
 
@@ -306,10 +307,11 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
 
 def _parameters_valid(distribution) -> jax.Array:
     """All parameter constraints hold (numpyro skips this check for traced values)."""
-    ok = jnp.bool_(True)
+    base = getattr(distribution, "base_dist", None)
+    ok = _parameters_valid(base) if isinstance(base, dist.Distribution) else jnp.bool_(True)
     for name, constraint in distribution.arg_constraints.items():
-        value = getattr(distribution, name, None)
-        if value is not None:
+        value = distribution.__dict__.get(name)
+        if value is not None and not any(constraint is c for c in FINITENESS):
             ok = ok & jnp.all(constraint(value))
     return ok
 

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpyro
 import numpyro.distributions as dist
+from numpyro.distributions import constraints
 import numpyro.primitives as numpyro_primitives
 from jax.interpreters import batching, mlir
 from jax.extend import core
@@ -113,6 +114,7 @@ def sample(
     estimator: AbstractEstimator | None = None,
     *,
     name: str | None = None,
+    _plates: bool = True,
 ) -> jax.Array:
     """Draw a random choice inside an expectation program.
 
@@ -151,7 +153,8 @@ def sample(
             f"px.mvd, px.Reinforce(...), px.LeaveOneOut(n)), got {estimator!r}."
         )
     label = _site_label(name, distribution, estimator)
-    distribution = _apply_plates(distribution, label)
+    if _plates:
+        distribution = _apply_plates(distribution, label)
     estimator.check(distribution, label)
     leaves, tree = jax.tree.flatten((distribution, estimator))
     shape = jax.eval_shape(distribution.sample, jax.random.key(0))
@@ -162,10 +165,33 @@ def sample(
         out_aval=out_aval,
         continuation=estimator.continuation,
         pathwise=isinstance(estimator, Reparam) and not estimator.allow_discontinuous,
-        validate=bool(distribution._validate_args),
+        validate=_needs_runtime_check(distribution),
         site_id=_register_site(label),
         label=label,
     )
+
+
+#: Constraints that only say "finite": a NaN/inf parameter is already NaN upstream.
+_FINITENESS = (constraints.real, constraints.real_vector, constraints.real_matrix)
+
+
+def _needs_runtime_check(distribution: dist.Distribution) -> bool:
+    """Validation is on and some traced parameter has a constraint beyond finiteness.
+
+    numpyro checks concrete parameters when the distribution is built and skips traced
+    ones; ppl_ext checks those at run time (see `_interpreter._parameters_valid`).
+    """
+    base = getattr(distribution, "base_dist", None)  # Expanded, Independent, Masked, ...
+    if isinstance(base, dist.Distribution) and _needs_runtime_check(base):
+        return True
+    if not distribution._validate_args:
+        return False
+    for name, constraint in distribution.arg_constraints.items():
+        if any(constraint is c for c in _FINITENESS):
+            continue
+        if isinstance(distribution.__dict__.get(name), jax.core.Tracer):
+            return True
+    return False
 
 
 _SITE_LABELS: dict[str, int] = {}

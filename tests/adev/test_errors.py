@@ -218,3 +218,10 @@ def test_subsampled_plate_is_refused():
 
     with pytest.raises(px.UnsupportedEstimatorError, match="subsampled numpyro.plate"):
         run(program, 0.1)
+
+
+def test_invalid_parameters_of_wrapped_distributions():
+    f = px.expectation(lambda s: jnp.sum(px.sample(
+        dist.Normal(0.0, s, validate_args=True).expand((3,)).to_event(1))))
+    with pytest.raises(Exception, match="violates its constraint"):
+        jax.block_until_ready(f.estimate(jax.random.key(0), -1.0))

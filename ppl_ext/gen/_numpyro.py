@@ -1,0 +1,109 @@
+"""NumPyro model and guide functions as generative functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpyro
+from jaxtyping import Array
+from numpyro import handlers
+from numpyro.infer.util import log_density
+
+from ..adev import AbstractEstimator
+from ..adev._primitives import sample as _sample
+from ._protocol import AbstractGenerativeFunction, Trace
+
+
+class _DrawWithEstimators(numpyro.primitives.Messenger):
+    """Replace latent `numpyro.sample` draws by `px.sample` sites (after plates broadcast)."""
+
+    def __init__(self, fn, constraints, estimators):
+        self.constraints = constraints
+        self.estimators = estimators
+        self.drawn: dict[str, Array] = {}
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
+            return
+        name = msg["name"]
+        if name in self.constraints:
+            msg["value"] = self.constraints[name]
+            msg["is_observed"] = False
+            return
+        if msg["kwargs"].get("sample_shape"):
+            raise ValueError(
+                f"site {name!r} uses sample_shape; write it with a numpyro.plate or "
+                "`.expand` so that ppl_ext sees one batch-shaped site."
+            )
+        estimator = self.estimators.get(name, msg.get("infer", {}).get("estimator"))
+        value = _sample(msg["fn"], estimator, name=name, _plates=False)
+        msg["value"] = value
+        self.drawn[name] = value
+
+
+class NumPyroModel(AbstractGenerativeFunction):
+    """A NumPyro model or guide function as a generative function.
+
+    `numpyro.sample` latent sites become `px.sample` sites (default estimator per
+    distribution; choose per site with `infer={"estimator": px.enum}` in the model, or with
+    the `estimators` mapping from site names to estimators). Observed sites, plates,
+    masks, scales and `numpyro.deterministic` keep their NumPyro meaning: densities come
+    from `numpyro.infer.util.log_density`. Parameters (`numpyro.param` sites) are passed as
+    a dict, the first argument of every method.
+
+    Example:
+        >>> import jax, numpyro, numpyro.distributions as dist, ppl_ext as px
+        >>> def guide(data):
+        ...     loc = numpyro.param("loc", 0.0)
+        ...     numpyro.sample("z", dist.Normal(loc, 1.0))
+        >>> q = px.gen.NumPyroModel(guide)
+        >>> f = px.expectation(lambda params: q.simulate(params, None).choices["z"])
+        >>> float(f.grad(jax.random.key(0), {"loc": 0.5})["loc"])
+        1.0
+    """
+
+    fn: Callable = eqx.field(static=True)
+    estimators: Mapping[str, AbstractEstimator] = eqx.field(static=True, default_factory=dict)
+
+    def _run(self, params, constraints, args, kwargs):
+        fn = handlers.substitute(self.fn, data=dict(params or {}))
+        handler = _DrawWithEstimators(fn, dict(constraints), dict(self.estimators))
+        retval = handler(*args, **kwargs)
+        values = {**dict(constraints), **handler.drawn}
+        log_p, model_trace = log_density(self.fn, args, kwargs, {**dict(params or {}), **values})
+        return values, handler.drawn, jnp.asarray(log_p), retval, model_trace
+
+    def simulate(self, params: Mapping[str, Any] | None, *args, **kwargs) -> Trace:
+        """Draw every latent site; `log_density` is the joint log density of the run."""
+        values, _, log_p, retval, _ = self._run(params, {}, args, kwargs)
+        return Trace(values, log_p, retval)
+
+    def assess(self, choices, params: Mapping[str, Any] | None, *args, **kwargs) -> Array:
+        """Joint log density of `choices` and the observed sites."""
+        log_p, model_trace = log_density(self.fn, args, kwargs, {**dict(params or {}),
+                                                                 **dict(choices)})
+        missing = [
+            name for name, site in model_trace.items()
+            if site["type"] == "sample" and not site["is_observed"] and name not in choices
+        ]
+        if missing:
+            raise ValueError(
+                f"assess needs every latent site; missing {missing}. Use generate to draw "
+                "the others."
+            )
+        return jnp.asarray(log_p)
+
+    def generate(self, constraints, params: Mapping[str, Any] | None, *args, **kwargs):
+        """Draw the sites not in `constraints` from their prior; weight = log p(constraints | drawn)."""
+        values, drawn, log_p, retval, model_trace = self._run(params, constraints, args, kwargs)
+        log_drawn = sum(
+            (jnp.sum(site["fn"].log_prob(site["value"]) * (site["scale"] if site["scale"] is not None else 1.0))
+             for name, site in model_trace.items()
+             if site["type"] == "sample" and name in drawn),
+            start=jnp.zeros(()),
+        )
+        return Trace(values, log_p, retval), log_p - log_drawn
