@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-PACKAGES = ["ppl_ext", "ppl_ext.adev"]
+PACKAGES = ["ppl_ext", "ppl_ext.adev", "ppl_ext.gen", "ppl_ext.vi", "ppl_ext.numpyro"]
 
 
 @pytest.mark.parametrize("package", PACKAGES)

@@ -12,9 +12,10 @@ A floating result computed from a step value, a step primitive (`floor`, `sign`,
 applied to a path value, or a branch / loop condition on a path or step value is a
 violation: `UnsupportedEstimatorError` naming the site, the primitive and the way out.
 `custom_jvp`/`custom_vjp` functions (e.g. `jax.nn.relu`) are trusted to be continuous, and
-so is code in numpyro's distributions package: its case splits are support checks
-(`log_prob` is `-inf` outside the support), which a reparameterised draw from inside the
-support never crosses.
+so is code in numpyro's distributions package (its case splits are support checks:
+`log_prob` is `-inf` outside the support, which a reparameterised draw from inside the
+support never crosses) and in `jax.scipy` / `jax.nn` (numerical safeguards such as the max
+shift in `logsumexp`).
 Loops are analysed to a fixed point over their carries. The check is conservative:
 `jnp.where(x > 0, x, 0.0)` is continuous but flagged; such a site can opt out with
 `px.Reparam(allow_discontinuous=True)`.
@@ -67,7 +68,14 @@ def _where(eqn) -> str:
     return source_info_util.summarize(eqn.source_info)
 
 
-_TRUSTED_CODE = ("/numpyro/distributions/",)
+# Library code whose case splits are numerical safeguards or support checks, continuous
+# where a reparameterised draw can reach them (logsumexp's max shift, log_prob's support).
+_TRUSTED_CODE = (
+    "/numpyro/distributions/",
+    "/jax/_src/scipy/",
+    "/jax/_src/nn/",
+    "/jax/_src/ops/special.py",
+)
 
 
 def _trusted_code(eqn) -> bool:

@@ -32,6 +32,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
+from numpyro.distributions import constraints
 from jax import lax
 from jax.extend import core
 from jax._src import source_info_util
@@ -311,7 +312,9 @@ def _parameters_valid(distribution) -> jax.Array:
     ok = _parameters_valid(base) if isinstance(base, dist.Distribution) else jnp.bool_(True)
     for name, constraint in distribution.arg_constraints.items():
         value = distribution.__dict__.get(name)
-        if value is not None and not any(constraint is c for c in FINITENESS):
+        if value is None or constraints.is_dependent(constraint):
+            continue
+        if not any(constraint is c for c in FINITENESS):
             ok = ok & jnp.all(constraint(value))
     return ok
 

@@ -187,7 +187,7 @@ def _needs_runtime_check(distribution: dist.Distribution) -> bool:
     if not distribution._validate_args:
         return False
     for name, constraint in distribution.arg_constraints.items():
-        if any(constraint is c for c in _FINITENESS):
+        if any(constraint is c for c in _FINITENESS) or constraints.is_dependent(constraint):
             continue
         if isinstance(distribution.__dict__.get(name), jax.core.Tracer):
             return True

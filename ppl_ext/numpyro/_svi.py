@@ -22,6 +22,9 @@ class ObjectiveLoss:
     (score function by default; `estimators` chooses per site, e.g. `{"z": px.enum}`).
     """
 
+    #: Discrete latent sites are handled by the sites' estimators (NumPyro checks this flag).
+    can_infer_discrete = True
+
     def __init__(
         self,
         make_objective: Callable[[NumPyroModel, NumPyroModel], Expectation],

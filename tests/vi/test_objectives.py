@@ -1,0 +1,99 @@
+"""ELBO and IWELBO on a conjugate model with known evidence (K_SE = 4, see conftest)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+import ppl_ext as px
+from tests.helpers import assert_unbiased, many, mean_and_se
+
+X = 1.3
+
+
+def model(x):
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def guide(x):
+    loc = numpyro.param("loc", 0.0)
+    log_scale = numpyro.param("log_scale", 0.0)
+    numpyro.sample("z", dist.Normal(loc, jnp.exp(log_scale)))
+
+
+def exact_elbo(params, x):
+    m, s = params["loc"], jnp.exp(params["log_scale"])
+    log_prior = -0.5 * math.log(2 * math.pi) - 0.5 * (m**2 + s**2)
+    log_lik = -0.5 * math.log(2 * math.pi) - 0.5 * ((x - m) ** 2 + s**2)
+    entropy = 0.5 * math.log(2 * math.pi * math.e) + jnp.log(s)
+    return log_prior + log_lik + entropy
+
+
+LOG_EVIDENCE = float(dist.Normal(0.0, math.sqrt(2.0)).log_prob(X))
+PARAMS = {"loc": jnp.asarray(0.2), "log_scale": jnp.asarray(-0.3)}
+M, Q = px.gen.NumPyroModel(model), px.gen.NumPyroModel(guide)
+
+
+@pytest.mark.parametrize("estimator", [None, px.reinforce, px.mvd],
+                         ids=["default_reparam", "reinforce", "mvd"])
+def test_elbo_value_and_gradient_unbiased(estimator):
+    q = px.gen.NumPyroModel(guide, {} if estimator is None else {"z": estimator})
+    objective = px.vi.elbo(M, q)
+    values, grads = many(lambda k: objective.value_and_grad(k, PARAMS, X))
+    assert_unbiased(values, exact_elbo(PARAMS, X), what="elbo value")
+    exact = jax.grad(exact_elbo)(PARAMS, X)
+    for name in PARAMS:
+        assert_unbiased(grads[0][name], exact[name], what=f"elbo d/d{name}")
+
+
+def test_bounds_elbo_below_iwelbo_below_evidence_and_monotone_in_k():
+    means = []
+    for k in [1, 4, 16]:
+        objective = px.vi.iwelbo(M, Q, k)
+        mean, se = mean_and_se(many(lambda key: objective(key, PARAMS, X), num=4000))
+        means.append((mean, se))
+    elbo_mean, elbo_se = mean_and_se(many(lambda key: px.vi.elbo(M, Q)(key, PARAMS, X),
+                                          num=4000))
+    # IWELBO(1) is the ELBO
+    assert abs(means[0][0] - elbo_mean) < 4 * math.hypot(means[0][1], elbo_se)
+    assert abs(means[0][0] - float(exact_elbo(PARAMS, X))) < 4 * means[0][1]
+    for (lo, lo_se), (hi, hi_se) in zip(means, means[1:]):
+        assert hi > lo - 4 * math.hypot(lo_se, hi_se)
+    assert means[-1][0] > means[0][0]
+    assert means[-1][0] < LOG_EVIDENCE + 4 * means[-1][1]
+
+
+def test_at_the_exact_posterior_the_elbo_is_the_evidence():
+    posterior = {"loc": jnp.asarray(X / 2), "log_scale": jnp.asarray(0.5 * math.log(0.5))}
+    values = many(lambda k: px.vi.elbo(M, Q)(k, posterior, X), num=200)
+    assert np.allclose(values, LOG_EVIDENCE, atol=1e-4)
+
+
+def test_discrete_latent_with_enumeration_and_score_function():
+    def mixture(x):
+        c = numpyro.sample("c", dist.Bernoulli(probs=0.3))
+        numpyro.sample("x", dist.Normal(2.0 * c - 1.0, 1.0), obs=x)
+
+    def coin_guide(x):
+        numpyro.sample("c", dist.Bernoulli(logits=numpyro.param("logit", 0.0)))
+
+    def exact(params, x):
+        p = jax.nn.sigmoid(params["logit"])
+        terms = []
+        for c, qc in [(1.0, p), (0.0, 1 - p)]:
+            log_joint = dist.Bernoulli(probs=0.3).log_prob(c) + dist.Normal(2 * c - 1, 1.0).log_prob(x)
+            terms.append(qc * (log_joint - jnp.log(qc)))
+        return sum(terms)
+
+    params = {"logit": jnp.asarray(0.4)}
+    for estimators in [{}, {"c": px.enum}, {"c": px.LeaveOneOut(4)}]:
+        objective = px.vi.elbo(px.gen.NumPyroModel(mixture),
+                               px.gen.NumPyroModel(coin_guide, estimators))
+        grads = many(lambda k: objective.grad(k, params, 0.5)[0]["logit"])
+        assert_unbiased(grads, jax.grad(exact)(params, 0.5)["logit"],
+                        what=f"discrete elbo {estimators}")
