@@ -154,8 +154,13 @@ class Expectation:
         key, *rest = args
         key = _as_key(key)
         closed, out_tree, flat = _trace(self.fn, tuple(rest), kwargs)
-        outs, invalid = _estimate(_Program(closed.jaxpr), key, list(closed.consts), flat)
-        return jax.tree.unflatten(out_tree, outs), invalid, has_validated_sites(closed.jaxpr)
+        # Dead code goes first: a draw whose value is unused would add score-function
+        # variance (and cost) without changing the expectation.
+        jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
+        jaxpr, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+        inputs = [x for x, keep in zip([*closed.consts, *flat], used, strict=True) if keep]
+        outs, invalid = _estimate(_Program(jaxpr), key, [], inputs)
+        return jax.tree.unflatten(out_tree, outs), invalid, has_validated_sites(jaxpr)
 
     def estimate(self, key, *args, **kwargs):
         """Unbiased estimate of `E[P(*args, **kwargs)]` (jitted)."""

@@ -39,3 +39,16 @@ def test_exact_gradients_have_zero_variance_on_deterministic_programs(estimator)
     if estimator is px.enum:
         vals = np.asarray(many(lambda k: f.estimate(k, 0.3), num=100))
         assert np.allclose(vals, float(jnp.dot(p, values)), rtol=1e-5)
+
+
+def test_unused_draws_are_dropped_and_add_no_variance():
+    def used_only(t):
+        return px.sample(dist.Normal(t, 1.0)) ** 2
+
+    def with_unused(t):
+        unused = px.sample(dist.Normal(t, 1.0), px.reinforce)  # noqa: F841
+        return px.sample(dist.Normal(t, 1.0)) ** 2
+
+    var = [float(np.var(np.asarray(many(lambda k: px.expectation(f).grad(k, 2.0)))))
+           for f in (used_only, with_unused)]
+    assert var[1] < 1.2 * var[0]  # the score term of the unused site would multiply it
