@@ -29,7 +29,6 @@ from typing import Any
 import jax.numpy as jnp
 from jax.extend import core
 from jax._src import source_info_util
-from jax._src.interpreters import partial_eval as pe
 
 from ._errors import UnsupportedEstimatorError
 from ._primitives import nested_p, sample_p
@@ -90,11 +89,13 @@ def _trusted_code(eqn) -> bool:
 
 
 def check_continuity(jaxpr: core.Jaxpr) -> None:
-    """Raise if a pathwise site's value reaches a discontinuity that affects the outputs."""
-    if not _has_pathwise(jaxpr):
-        return
-    dced, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
-    _analyse(dced, [None] * len(dced.constvars) + [None] * len(dced.invars))
+    """Raise if a pathwise site's value reaches a discontinuity that affects the outputs.
+
+    `jaxpr` must be free of dead code (`pe.dce_jaxpr`), so that only values that reach the
+    outputs are judged.
+    """
+    if _has_pathwise(jaxpr):
+        _analyse(jaxpr, [None] * (len(jaxpr.constvars) + len(jaxpr.invars)))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -27,30 +27,28 @@ class _Program:
         self.jaxpr = jaxpr
 
 
-def _evaluate(program: _Program, key, consts, args, surrogate: bool):
+def _evaluate(program: _Program, key, inputs, surrogate: bool):
     """`(outputs, invalid site id)` of the program, in value or surrogate mode."""
-    return run_jaxpr(program.jaxpr, consts, args, key, zero_acc(surrogate), surrogate, finish)
+    return run_jaxpr(program.jaxpr, [], inputs, key, zero_acc(surrogate), surrogate, finish)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _estimate(program: _Program, key, consts, args):
-    return _evaluate(program, key, consts, args, surrogate=False)
+def _estimate(program: _Program, key, inputs):
+    return _evaluate(program, key, inputs, surrogate=False)
 
 
 @_estimate.defjvp
 def _estimate_jvp(program: _Program, primals, tangents):
-    key, consts, args = primals
-    _, consts_dot, args_dot = tangents
+    key, inputs = primals
+    _, inputs_dot = tangents
     # The primals carry tangents of an enclosing differentiation only when a second
     # derivative is being taken; `_first_order_only` refuses that.
-    consts, args = _first_order_only((consts, args))
+    inputs = _first_order_only(inputs)
 
-    def surrogate(consts, args):
-        return _evaluate(program, key, consts, args, surrogate=True)
+    def surrogate(inputs):
+        return _evaluate(program, key, inputs, surrogate=True)
 
-    outs, outs_dot, invalid = jax.jvp(
-        surrogate, (consts, args), (consts_dot, args_dot), has_aux=True
-    )
+    outs, outs_dot, invalid = jax.jvp(surrogate, (inputs,), (inputs_dot,), has_aux=True)
     return (outs, invalid), (outs_dot, np.zeros(jnp.shape(invalid), jax.dtypes.float0))
 
 
@@ -91,7 +89,13 @@ def _as_key(key) -> jax.Array:
 
 def _trace(
     fn: Callable, args: tuple, kwargs: dict, check: bool = True
-) -> tuple[core.ClosedJaxpr, Any, list]:
+) -> tuple[core.Jaxpr, list, Any]:
+    """Trace `fn` to a closed-over-nothing jaxpr `(constants..., args...) -> outputs`.
+
+    Returns the jaxpr after dead-code elimination (a draw whose value is unused would add
+    score-function variance and work without changing the expectation), the inputs it
+    still uses (constants first), and the output tree.
+    """
     flat, in_tree = jax.tree.flatten((args, kwargs))
 
     def flat_fn(*flat):
@@ -111,9 +115,12 @@ def _trace(
                 "expectation must return floating-point values (cast with "
                 "jnp.asarray(x, float))."
             )
+    jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
+    jaxpr, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    inputs = [x for x, keep in zip([*closed.consts, *flat], used, strict=True) if keep]
     if check:
-        check_continuity(pe.convert_constvars_jaxpr(closed.jaxpr))
-    return closed, out_tree, flat
+        check_continuity(jaxpr)
+    return jaxpr, inputs, out_tree
 
 
 class Expectation:
@@ -139,10 +146,9 @@ class Expectation:
 
     def __call__(self, *args, **kwargs):
         if inside_expectation():
-            closed, out_tree, flat = _trace(self.fn, args, kwargs, check=False)
-            jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
+            jaxpr, inputs, out_tree = _trace(self.fn, args, kwargs, check=False)
             label = f"nested expectation {getattr(self.fn, '__name__', '')}".strip()
-            outs = bind_nested(jaxpr, [*closed.consts, *flat], label)
+            outs = bind_nested(jaxpr, inputs, label)
             return jax.tree.unflatten(out_tree, outs)
         out, invalid, check = self._run(args, kwargs)
         return raise_if_invalid(out, invalid) if check else out
@@ -153,13 +159,8 @@ class Expectation:
             raise TypeError("an expectation is called as f(key, *args).")
         key, *rest = args
         key = _as_key(key)
-        closed, out_tree, flat = _trace(self.fn, tuple(rest), kwargs)
-        # Dead code goes first: a draw whose value is unused would add score-function
-        # variance (and cost) without changing the expectation.
-        jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
-        jaxpr, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
-        inputs = [x for x, keep in zip([*closed.consts, *flat], used, strict=True) if keep]
-        outs, invalid = _estimate(_Program(jaxpr), key, [], inputs)
+        jaxpr, inputs, out_tree = _trace(self.fn, tuple(rest), kwargs)
+        outs, invalid = _estimate(_Program(jaxpr), key, inputs)
         return jax.tree.unflatten(out_tree, outs), invalid, has_validated_sites(jaxpr)
 
     def estimate(self, key, *args, **kwargs):

@@ -65,7 +65,7 @@ sample_p.def_impl(_outside("px.sample"))
 mlir.register_lowering(sample_p, _outside("px.sample"))
 
 
-def _sample_batch(args, dims, **params):
+def _refuse_vmap(args, dims, **params):
     raise UnsupportedPrimitiveError(
         f"{params['label']} is inside jax.vmap within the expectation program. Draw "
         "vectorised independent values with a batch-shaped distribution instead "
@@ -73,7 +73,7 @@ def _sample_batch(args, dims, **params):
     )
 
 
-def _sample_jvp(primals, tangents, **params):
+def _refuse_jvp(primals, tangents, **params):
     raise UnsupportedPrimitiveError(
         f"{params['label']} is differentiated inside the expectation program (jax.grad or "
         "jax.jvp inside the program). Differentiate the expectation from outside: "
@@ -81,8 +81,8 @@ def _sample_jvp(primals, tangents, **params):
     )
 
 
-batching.primitive_batchers[sample_p] = _sample_batch
-jax.interpreters.ad.primitive_jvps[sample_p] = _sample_jvp
+batching.primitive_batchers[sample_p] = _refuse_vmap
+jax.interpreters.ad.primitive_jvps[sample_p] = _refuse_jvp
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -234,17 +234,8 @@ nested_p.def_impl(_outside("nested expectation"))
 mlir.register_lowering(nested_p, _outside("nested expectation"))
 
 
-def _nested_batch(args, dims, **params):
-    raise UnsupportedPrimitiveError(
-        f"{params['label']} is inside jax.vmap within an expectation program; call it "
-        "without vmap or vmap the outer expectation from outside."
-    )
-
-
-batching.primitive_batchers[nested_p] = _nested_batch
-jax.interpreters.ad.primitive_jvps[nested_p] = lambda primals, tangents, **params: _sample_jvp(
-    primals, tangents, **params
-)
+batching.primitive_batchers[nested_p] = _refuse_vmap
+jax.interpreters.ad.primitive_jvps[nested_p] = _refuse_jvp
 
 
 def bind_nested(jaxpr: Any, args: list[Any], label: str) -> list[Any]:
