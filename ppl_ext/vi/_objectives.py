@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.special import logsumexp
 
-from ..adev import Expectation, expectation
+from ..adev import AbstractEstimator, Expectation, expectation, reinforce
 from ..gen import AbstractGenerativeFunction
+from ._constructs import normalize
 
 
 def elbo(model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction) -> Expectation:
@@ -57,20 +58,138 @@ def iwelbo(
 
     Reference: Burda, Grosse & Salakhutdinov 2016, "Importance weighted autoencoders".
     """
-    if not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be a positive int, got {num_particles!r}.")
+    _check_particles(num_particles)
 
     @expectation
     def objective(params, *args, **kwargs):
-        def particle(carry, _):
-            trace = guide.simulate(params, *args, **kwargs)
-            log_weight = model.assess(trace.choices, params, *args, **kwargs) - trace.log_density
-            return carry, log_weight
-
-        _, log_weights = lax.scan(particle, None, length=num_particles)
+        log_weights = _log_weights(model, guide, num_particles, params, args, kwargs)
         return logsumexp(log_weights) - math.log(num_particles)
 
     return objective
 
 
-__all__ = ["elbo", "iwelbo"]
+def _check_particles(num_particles):
+    if not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles must be a positive int, got {num_particles!r}.")
+
+
+def _log_weights(model, guide, num_particles, params, args, kwargs, guide_params=None):
+    """`log p(x, z_k) - log q(z_k)` for `num_particles` iid guide draws (a scan)."""
+    guide_params = params if guide_params is None else guide_params
+
+    def particle(carry, _):
+        trace = guide.simulate(guide_params, *args, **kwargs)
+        return carry, model.assess(trace.choices, params, *args, **kwargs) - trace.log_density
+
+    return lax.scan(particle, None, length=num_particles)[1]
+
+
+def renyi(
+    model: AbstractGenerativeFunction,
+    guide: AbstractGenerativeFunction,
+    alpha: float,
+    num_particles: int,
+) -> Expectation:
+    """Rényi variational bound `E[1/(1-α) log (1/K) Σ_k w_k^(1-α)]`, `w_k = p(x, z_k)/q(z_k)`.
+
+    `α = 0` is the IWELBO, `α → 1` the ELBO (`α = 1` is computed as the mean of `log w_k`).
+    For fixed draws the estimate is non-increasing in `α` (power-mean inequality).
+
+    Reference: Li & Turner 2016, "Rényi divergence variational inference".
+    """
+    _check_particles(num_particles)
+    alpha = float(alpha)
+
+    @expectation
+    def objective(params, *args, **kwargs):
+        log_w = _log_weights(model, guide, num_particles, params, args, kwargs)
+        if alpha == 1.0:
+            return jnp.mean(log_w)
+        scaled = (1.0 - alpha) * log_w
+        return (logsumexp(scaled) - math.log(num_particles)) / (1.0 - alpha)
+
+    return objective
+
+
+def wake_p(
+    model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int
+) -> Expectation:
+    """Reweighted wake-sleep, wake-p: the IWELBO with the guide's parameters frozen.
+
+    Its gradient w.r.t. the model's parameters is the self-normalised importance-sampling
+    estimate `Σ_k w̃_k ∇ log p(x, z_k)`; the guide gets no gradient from it.
+
+    Reference: Bornschein & Bengio 2015, "Reweighted wake-sleep"; Le et al. 2019.
+    """
+    _check_particles(num_particles)
+
+    @expectation
+    def objective(params, *args, **kwargs):
+        log_w = _log_weights(model, guide, num_particles, params, args, kwargs,
+                             guide_params=lax.stop_gradient(params))
+        return logsumexp(log_w) - math.log(num_particles)
+
+    return objective
+
+
+def wake_q(
+    model: AbstractGenerativeFunction,
+    guide: AbstractGenerativeFunction,
+    num_particles: int,
+    selection_estimator: AbstractEstimator = reinforce,
+) -> Expectation:
+    """Reweighted wake-sleep, wake-q: `E_{z ~ SIR}[log q(z)]` (forward KL, up to a constant).
+
+    `z` is drawn by `normalize(model, guide, K)` with all parameters frozen, so only
+    `log q(z)` is differentiated. The expectation is over the SIR law, which tends to the
+    posterior as `K` grows: as an estimate of `-KL(p(z|x) || q) + const` it is biased for
+    finite `K` (the usual RWS bias), and unbiased for the SIR objective it defines.
+
+    Reference: Bornschein & Bengio 2015; Le, Kosiorek, Siddharth, Teh & Wood 2019,
+    "Revisiting reweighted wake-sleep".
+    """
+    _check_particles(num_particles)
+    sir = normalize(model, guide, num_particles, selection_estimator)
+
+    @expectation
+    def objective(params, *args, **kwargs):
+        trace = sir.simulate(lax.stop_gradient(params), *args, **kwargs)
+        return guide.assess(trace.choices, params, *args, **kwargs)
+
+    return objective
+
+
+forward_kl = wake_q
+
+
+def symmetric_kl(
+    model: AbstractGenerativeFunction,
+    guide: AbstractGenerativeFunction,
+    num_particles: int,
+    selection_estimator: AbstractEstimator = reinforce,
+) -> Expectation:
+    """Negated Jeffreys divergence `-(KL(q || p) + KL(p || q))` of guide and posterior.
+
+    `log p(x)` cancels between the two directions:
+    `-J = E_q[log p(x,z) - log q(z)] - E_p[log p(x,z) - log q(z)]`. The first term is the
+    ELBO (unbiased); the second is estimated under the SIR law of `normalize(model, guide,
+    K)` with frozen parameters for the draw, so the whole is consistent as `K` grows and
+    biased for finite `K`, like `wake_q`.
+    """
+    _check_particles(num_particles)
+    sir = normalize(model, guide, num_particles, selection_estimator)
+
+    @expectation
+    def objective(params, *args, **kwargs):
+        trace = guide.simulate(params, *args, **kwargs)
+        forward = model.assess(trace.choices, params, *args, **kwargs) - trace.log_density
+        z = sir.simulate(lax.stop_gradient(params), *args, **kwargs).choices
+        backward = model.assess(z, params, *args, **kwargs) - guide.assess(
+            z, params, *args, **kwargs
+        )
+        return forward - backward
+
+    return objective
+
+
+__all__ = ["elbo", "forward_kl", "iwelbo", "renyi", "symmetric_kl", "wake_p", "wake_q"]

@@ -97,3 +97,41 @@ def test_discrete_latent_with_enumeration_and_score_function():
         grads = many(lambda k: objective.grad(k, params, 0.5)[0]["logit"])
         assert_unbiased(grads, jax.grad(exact)(params, 0.5)["logit"],
                         what=f"discrete elbo {estimators}")
+
+
+def test_renyi_interpolates_between_iwelbo_and_elbo_for_the_same_draws():
+    key = jax.random.key(5)
+    log_w = {alpha: float(px.vi.renyi(M, Q, alpha, 8)(key, PARAMS, X))
+             for alpha in [0.0, 0.3, 0.7, 1.0]}
+    assert np.isclose(log_w[0.0], float(px.vi.iwelbo(M, Q, 8)(key, PARAMS, X)), rtol=1e-5)
+    values = [log_w[a] for a in [0.0, 0.3, 0.7, 1.0]]
+    assert all(a >= b - 1e-5 for a, b in zip(values, values[1:]))  # power-mean inequality
+    grads = many(lambda k: px.vi.renyi(M, Q, 1.0, 1).grad(k, PARAMS, X)[0]["loc"])
+    assert_unbiased(grads, jax.grad(exact_elbo)(PARAMS, X)["loc"])  # alpha = 1, K = 1: ELBO
+
+
+def test_wake_p_gives_no_gradient_to_the_guide_and_iwelbo_value():
+    key = jax.random.key(6)
+    value, (grads, _) = px.vi.wake_p(M, Q, 4).value_and_grad(key, PARAMS, X)
+    assert np.isclose(value, px.vi.iwelbo(M, Q, 4)(key, PARAMS, X), rtol=1e-5)
+    assert all(float(g) == 0.0 for g in grads.values())
+
+
+def test_wake_q_gradient_points_to_the_posterior_moments():
+    # With many SIR particles, d/dm E_p[log q(z)] -> (E_p[z] - m) / s^2 for the posterior
+    # N(x/2, 1/2); the remaining SIR bias is checked against a tolerance of 0.05.
+    s2 = float(jnp.exp(2 * PARAMS["log_scale"]))
+    exact = (X / 2 - float(PARAMS["loc"])) / s2
+    grads = many(lambda k: px.vi.wake_q(M, Q, 128).grad(k, PARAMS, X)[0]["loc"], num=4000)
+    mean, se = mean_and_se(grads)
+    assert abs(mean - exact) < 4 * se + 0.05, (mean, exact, se)
+
+
+def test_symmetric_kl_matches_the_gaussian_closed_form():
+    m, s2 = float(PARAMS["loc"]), float(jnp.exp(2 * PARAMS["log_scale"]))
+    pm, ps2 = X / 2, 0.5
+    kl_qp = 0.5 * (s2 / ps2 + (m - pm) ** 2 / ps2 - 1 + math.log(ps2 / s2))
+    kl_pq = 0.5 * (ps2 / s2 + (m - pm) ** 2 / s2 - 1 + math.log(s2 / ps2))
+    values = many(lambda k: px.vi.symmetric_kl(M, Q, 128)(k, PARAMS, X), num=4000)
+    mean, se = mean_and_se(values)
+    assert abs(mean + kl_qp + kl_pq) < 4 * se + 0.05, (mean, -(kl_qp + kl_pq), se)
