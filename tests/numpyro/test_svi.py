@@ -85,3 +85,21 @@ def test_iwelbo_loss_runs_in_svi():
     svi = SVI(model, guide, numpyro.optim.Adam(0.05), loss=px.numpyro.IWELBO(num_inner=4))
     result = svi.run(jax.random.key(3), 200, DATA, progress_bar=False)
     assert np.all(np.isfinite(result.losses))
+
+
+def test_posterior_samples_to_arviz_summary():
+    import arviz
+
+    guide = AutoNormal(model)
+    svi = SVI(model, guide, numpyro.optim.Adam(0.05), loss=px.numpyro.ELBO())
+    result = svi.run(jax.random.key(4), 300, DATA, progress_bar=False)
+    posterior = Predictive(guide, params=result.params, num_samples=400)(jax.random.key(5), DATA)
+    predictive = Predictive(model, posterior_samples=posterior, return_sites=["obs"])(
+        jax.random.key(6), DATA)
+    tree = px.numpyro.to_inference_data(posterior, posterior_predictive=predictive,
+                                        observed_data={"obs": DATA}, num_chains=2)
+    assert tuple(tree.posterior["mu"].shape) == (2, 200)
+    summary = arviz.summary(tree, var_names=["mu", "sigma"])
+    assert "mu" in str(summary)
+    with pytest.raises(ValueError, match="num_chains=3"):
+        px.numpyro.to_inference_data(posterior, num_chains=3)
