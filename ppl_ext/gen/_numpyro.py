@@ -20,9 +20,10 @@ from ._protocol import AbstractGenerativeFunction, Trace
 class _DrawWithEstimators(numpyro.primitives.Messenger):
     """Replace latent `numpyro.sample` draws by `px.sample` sites (after plates broadcast)."""
 
-    def __init__(self, fn, constraints, estimators):
+    def __init__(self, fn, constraints, estimators, default=None):
         self.constraints = constraints
         self.estimators = estimators
+        self.default = default
         self.drawn: dict[str, Array] = {}
         super().__init__(fn)
 
@@ -39,7 +40,9 @@ class _DrawWithEstimators(numpyro.primitives.Messenger):
                 f"site {name!r} uses sample_shape; write it with a numpyro.plate or "
                 "`.expand` so that ppl_ext sees one batch-shaped site."
             )
-        estimator = self.estimators.get(name, msg.get("infer", {}).get("estimator"))
+        estimator = self.estimators.get(
+            name, msg.get("infer", {}).get("estimator", self.default)
+        )
         value = _sample(msg["fn"], estimator, name=name, _plates=False)
         msg["value"] = value
         self.drawn[name] = value
@@ -50,7 +53,8 @@ class NumPyroModel(AbstractGenerativeFunction):
 
     `numpyro.sample` latent sites become `px.sample` sites (default estimator per
     distribution; choose per site with `infer={"estimator": px.enum}` in the model, or with
-    the `estimators` mapping from site names to estimators). Observed sites, plates,
+    the `estimators` mapping from site names to estimators; `default_estimator` replaces
+    the per-distribution default for the remaining sites). Observed sites, plates,
     masks, scales and `numpyro.deterministic` keep their NumPyro meaning: densities come
     from `numpyro.infer.util.log_density`. Parameters (`numpyro.param` sites) are passed as
     a dict, the first argument of every method.
@@ -68,10 +72,12 @@ class NumPyroModel(AbstractGenerativeFunction):
 
     fn: Callable = eqx.field(static=True)
     estimators: Mapping[str, AbstractEstimator] = eqx.field(static=True, default_factory=dict)
+    default_estimator: AbstractEstimator | None = eqx.field(static=True, default=None)
 
     def _run(self, params, constraints, args, kwargs):
         fn = handlers.substitute(self.fn, data=dict(params or {}))
-        handler = _DrawWithEstimators(fn, dict(constraints), dict(self.estimators))
+        handler = _DrawWithEstimators(fn, dict(constraints), dict(self.estimators),
+                                      self.default_estimator)
         retval = handler(*args, **kwargs)
         values = {**dict(constraints), **handler.drawn}
         log_p, model_trace = log_density(self.fn, args, kwargs, {**dict(params or {}), **values})

@@ -7,11 +7,15 @@ from ._constructs import (
     normalize as normalize,
 )
 from ._objectives import (
+    diwhvi as diwhvi,
     elbo as elbo,
+    hvi as hvi,
     forward_kl as forward_kl,
     iwelbo as iwelbo,
+    iwelbo_dreg as iwelbo_dreg,
     renyi as renyi,
     symmetric_kl as symmetric_kl,
+    vimco as vimco,
     wake_p as wake_p,
     wake_q as wake_q,
 )
@@ -19,13 +23,17 @@ from ._objectives import (
 __all__ = [
     "Marginal",
     "Normalize",
+    "diwhvi",
     "elbo",
+    "hvi",
     "forward_kl",
     "iwelbo",
+    "iwelbo_dreg",
     "marginal",
     "normalize",
     "renyi",
     "symmetric_kl",
+    "vimco",
     "wake_p",
     "wake_q",
 ]

@@ -8,15 +8,17 @@ writing your own.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.scipy.special import logsumexp
 
 from ..adev import AbstractEstimator, Expectation, expectation, reinforce
 from ..gen import AbstractGenerativeFunction
-from ._constructs import normalize
+from ._constructs import marginal, normalize
 
 
 def elbo(model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction) -> Expectation:
@@ -82,6 +84,37 @@ def _log_weights(model, guide, num_particles, params, args, kwargs, guide_params
         return carry, model.assess(trace.choices, params, *args, **kwargs) - trace.log_density
 
     return lax.scan(particle, None, length=num_particles)[1]
+
+
+def hvi(
+    model: AbstractGenerativeFunction,
+    variational_joint: AbstractGenerativeFunction,
+    keep,
+    reverse: AbstractGenerativeFunction,
+    num_particles: int = 1,
+) -> Expectation:
+    """Hierarchical VI: the ELBO of `marginal(variational_joint, keep, reverse, K)`.
+
+    `K = 1` is HVI (Ranganath, Tran & Blei 2016); `K > 1` is IWHVI (Sobolev & Vetrov 2019),
+    a tighter bound. `reverse` is the auxiliary model `r(u | z)` of the dropped choices.
+    """
+    return elbo(model, marginal(variational_joint, keep, reverse, num_particles))
+
+
+def diwhvi(
+    model: AbstractGenerativeFunction,
+    variational_joint: AbstractGenerativeFunction,
+    keep,
+    reverse: AbstractGenerativeFunction,
+    num_inner: int,
+    num_outer: int,
+) -> Expectation:
+    """Doubly importance-weighted HVI: IWELBO(`num_outer`) of an IWHVI(`num_inner`) marginal.
+
+    Reference: Sobolev & Vetrov 2019, "Importance weighted hierarchical variational
+    inference".
+    """
+    return iwelbo(model, marginal(variational_joint, keep, reverse, num_inner), num_outer)
 
 
 def renyi(
@@ -162,6 +195,88 @@ def wake_q(
 forward_kl = wake_q
 
 
+def iwelbo_dreg(
+    model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int
+) -> Expectation:
+    """IWELBO with the doubly-reparameterised gradient estimator (DReG).
+
+    Called as `objective(key, model_params, guide_params, *args)`: the guide's parameters
+    must be separate, since they get `Σ_k w̃_k² ∂ log w_k/∂z_k ∂z_k/∂φ` (path derivative
+    only, `log q` with frozen parameters) while the model's get `Σ_k w̃_k ∇θ log p(x, z_k)`.
+    Both are unbiased for the IWELBO gradient; the guide part keeps its signal-to-noise
+    ratio as `K` grows, unlike the plain IWELBO estimator. The guide must be fully
+    reparameterisable (its sites use `px.reparam`). The value is the IWELBO estimate.
+
+    Reference: Tucker, Lawson, Gu & Maddison 2019, "Doubly reparameterized gradient
+    estimators for Monte Carlo objectives".
+    """
+    _check_particles(num_particles)
+    sg = lax.stop_gradient
+
+    @expectation
+    def objective(model_params, guide_params, *args, **kwargs):
+        def particle(carry, _):
+            z = guide.simulate(guide_params, *args, **kwargs).choices
+            frozen_q = sg(guide_params)
+            # model-parameter part (no path through z) and path-only part (frozen params)
+            log_w_model = model.assess(sg(z), model_params, *args, **kwargs) - guide.assess(
+                sg(z), frozen_q, *args, **kwargs)
+            log_w_path = model.assess(z, sg(model_params), *args, **kwargs) - guide.assess(
+                z, frozen_q, *args, **kwargs)
+            return carry, (log_w_model, log_w_path)
+
+        log_w_model, log_w_path = lax.scan(particle, None, length=num_particles)[1]
+        normalized = jax.nn.softmax(sg(log_w_model))
+        value = sg(logsumexp(log_w_model) - math.log(num_particles))
+        model_term = jnp.sum(sg(normalized) * (log_w_model - sg(log_w_model)))
+        path_term = jnp.sum(sg(normalized**2) * (log_w_path - sg(log_w_path)))
+        return value + model_term + path_term
+
+    return objective
+
+
+def vimco(
+    model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int
+) -> Expectation:
+    """IWELBO with the VIMCO score-function estimator (per-particle leave-one-out baselines).
+
+    Every guide site uses the score function (`guide.default_estimator` is set to
+    `px.reinforce`, so discrete guides work). For particle `k` the baseline is the bound
+    with `log w_k` replaced by the mean of the others' log weights; it does not depend on
+    `z_k`, so the estimator is unbiased for the IWELBO gradient. Needs `K >= 2`.
+
+    Reference: Mnih & Rezende 2016, "Variational inference for Monte Carlo objectives".
+    """
+    if not isinstance(num_particles, int) or num_particles < 2:
+        raise ValueError(f"vimco needs num_particles >= 2, got {num_particles!r}.")
+    if not hasattr(guide, "default_estimator"):
+        raise TypeError(
+            "vimco needs a guide whose sites can be switched to the score function (a "
+            f"px.gen.NumPyroModel); got {type(guide).__name__}."
+        )
+    guide = dataclasses.replace(guide, default_estimator=reinforce)
+    sg = lax.stop_gradient
+    k = num_particles
+
+    @expectation
+    def objective(params, *args, **kwargs):
+        def particle(carry, _):
+            trace = guide.simulate(params, *args, **kwargs)
+            log_w = model.assess(trace.choices, params, *args, **kwargs) - trace.log_density
+            return carry, (log_w, trace.log_density)
+
+        log_w, log_q = lax.scan(particle, None, length=k)[1]
+        bound = logsumexp(log_w) - math.log(k)
+        # leave-one-out bounds: log w_k replaced by the mean of the other log weights
+        others_mean = (jnp.sum(log_w) - log_w) / (k - 1)
+        replaced = log_w[None, :] + jnp.diag(others_mean - log_w)
+        baselines = logsumexp(sg(replaced), axis=1) - math.log(k)
+        # every site already contributes sg(bound) · score; subtract the baselines' share
+        return bound - jnp.sum(baselines * (log_q - sg(log_q)))
+
+    return objective
+
+
 def symmetric_kl(
     model: AbstractGenerativeFunction,
     guide: AbstractGenerativeFunction,
@@ -192,4 +307,4 @@ def symmetric_kl(
     return objective
 
 
-__all__ = ["elbo", "forward_kl", "iwelbo", "renyi", "symmetric_kl", "wake_p", "wake_q"]
+__all__ = ["diwhvi", "hvi", "elbo", "forward_kl", "iwelbo", "iwelbo_dreg", "renyi", "symmetric_kl", "vimco", "wake_p", "wake_q"]

@@ -119,3 +119,21 @@ def test_bad_constructs():
     with pytest.raises(ValueError, match="not choices"):
         px.expectation(lambda p: px.vi.marginal(Q, ["w"], R).simulate(p).log_density)(
             jax.random.key(0), PARAMS)
+
+
+def test_named_hierarchical_objectives_are_ordered_bounds():
+    x = 1.3
+    log_evidence = float(dist.Normal(0.0, math.sqrt(2.0)).log_prob(x))
+    means = {}
+    for name, objective in [
+        ("hvi", px.vi.hvi(P, Q, ["z"], R)),
+        ("iwhvi", px.vi.hvi(P, Q, ["z"], R, 8)),
+        ("diwhvi", px.vi.diwhvi(P, Q, ["z"], R, 8, 8)),
+    ]:
+        means[name] = mean_and_se(many(lambda k: objective(k, PARAMS, x), num=4000))
+    order = ["hvi", "iwhvi", "diwhvi"]
+    for lo, hi in zip(order, order[1:]):
+        (a, sa), (b, sb) = means[lo], means[hi]
+        assert a < b + 4 * math.hypot(sa, sb), (lo, hi, means)
+    assert means["diwhvi"][0] < log_evidence + 4 * means["diwhvi"][1]
+    assert means["diwhvi"][0] > means["hvi"][0]
