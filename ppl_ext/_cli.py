@@ -9,7 +9,6 @@ import time
 
 def _demo(num_estimates: int, seed: int) -> int:
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import numpyro.distributions as dist
 

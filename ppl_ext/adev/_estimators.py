@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
@@ -410,6 +410,3 @@ mvd = MVD()
 def default_estimator(distribution: dist.Distribution) -> AbstractEstimator:
     """Reparameterisation when the distribution has `rsample`, score function otherwise."""
     return reparam if distribution.has_rsample else reinforce
-
-
-__all__: Sequence[str] = ()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -164,6 +163,3 @@ def normalize(
 ) -> Normalize:
     """Approximate the normalised `target` by sampling importance resampling. See `Normalize`."""
     return Normalize(target, proposal, num_particles, selection_estimator)
-
-
-__all__: Sequence[Any] = ()

@@ -305,6 +305,3 @@ def symmetric_kl(
         return forward - backward
 
     return objective
-
-
-__all__ = ["diwhvi", "hvi", "elbo", "forward_kl", "iwelbo", "iwelbo_dreg", "renyi", "symmetric_kl", "vimco", "wake_p", "wake_q"]

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
-import pytest
 from jax import lax
 
 import ppl_ext as px
