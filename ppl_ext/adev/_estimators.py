@@ -116,7 +116,7 @@ class Reparam(AbstractLocalEstimator):
     allow_discontinuous: bool = eqx.field(static=True, default=False)
 
     def check(self, distribution, site):
-        if not distribution.has_rsample:
+        if not reparameterisable(distribution):
             raise UnsupportedEstimatorError(
                 f"{site}: reparam needs a reparameterisable distribution, and "
                 f"{_name(distribution)} has no rsample. Use estimator=px.reinforce, "
@@ -408,5 +408,24 @@ mvd = MVD()
 
 
 def default_estimator(distribution: dist.Distribution) -> AbstractEstimator:
-    """Reparameterisation when the distribution has `rsample`, score function otherwise."""
-    return reparam if distribution.has_rsample else reinforce
+    """Reparameterisation when the distribution is reparameterisable, score function otherwise."""
+    return reparam if reparameterisable(distribution) else reinforce
+
+
+def reparameterisable(distribution: dist.Distribution) -> bool:
+    """Whether draws are differentiable in the parameters (numpyro's `has_rsample`, checked).
+
+    numpyro's `has_rsample` compares `reparametrized_params` with `arg_constraints`, which is
+    vacuously true for a user-defined distribution that declares neither; such a class only
+    counts as reparameterisable if it overrides `rsample` or `has_rsample` itself.
+    """
+    base = getattr(distribution, "base_dist", None)
+    if isinstance(base, dist.Distribution):  # Expanded, Independent, Masked, Transformed
+        return bool(distribution.has_rsample) and reparameterisable(base)
+    if not distribution.has_rsample:
+        return False
+    cls = type(distribution)
+    return bool(distribution.reparametrized_params) or (
+        cls.rsample is not dist.Distribution.rsample
+        or cls.has_rsample is not dist.Distribution.has_rsample
+    )

@@ -225,3 +225,31 @@ def test_invalid_parameters_of_wrapped_distributions():
         dist.Normal(0.0, s, validate_args=True).expand((3,)).to_event(1))))
     with pytest.raises(Exception, match="violates its constraint"):
         jax.block_until_ready(f.estimate(jax.random.key(0), -1.0))
+
+
+class _Coin(dist.Distribution):
+    """A user-defined discrete distribution that declares no constraints."""
+
+    pytree_data_fields = ("p",)
+
+    def __init__(self, p):
+        self.p = p
+        super().__init__()
+
+    def sample(self, key, sample_shape=()):
+        return (jax.random.uniform(key, sample_shape) < self.p).astype(jnp.float32)
+
+    def log_prob(self, value):
+        return jnp.where(value == 1, jnp.log(self.p), jnp.log1p(-self.p))
+
+
+def test_custom_distribution_without_constraints_is_not_taken_as_reparameterisable():
+    # numpyro's has_rsample is vacuously True here; reparam would give a zero gradient.
+    assert px.adev.default_estimator(_Coin(0.3)) is px.reinforce
+    with pytest.raises(px.UnsupportedEstimatorError, match="no rsample"):
+        run(lambda p: px.sample(_Coin(p), px.reparam), 0.3)
+    f = px.expectation(lambda p: px.sample(_Coin(p)))
+    keys = jax.random.split(jax.random.key(0), 10_000)
+    grads = jax.vmap(f.grad, (0, None))(keys, 0.3)
+    se = float(jnp.std(grads)) / 100
+    assert abs(float(jnp.mean(grads)) - 1.0) < 4 * se

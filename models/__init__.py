@@ -1,0 +1,17 @@
+"""Reusable example models for ppl_ext (not part of the installed package).
+
+Each submodule holds one model written as NumPyro model and guide functions, with its data
+and a small training helper:
+
+- `models.digits`: scikit-learn's bundled 8x8 digits, scaled to [0, 1] and binarised.
+- `models.vae`: a variational autoencoder with equinox MLPs (Gaussian latents).
+- `models.sbn`: a sigmoid belief net (Bernoulli latents) for score-function estimators.
+- `models.mixture`: a Gaussian mixture with discrete assignments (enumeration).
+- `models.regression`: hierarchical linear regression on generated data.
+
+They are imported as `from models import vae` from the repository root.
+"""
+
+from . import digits, mixture, regression, sbn, vae
+
+__all__ = ["digits", "mixture", "regression", "sbn", "vae"]
