@@ -40,3 +40,15 @@ def many(f, num=NUM_ESTIMATES, seed=0):
     return jax.jit(jax.vmap(f))(keys)
 
 
+
+
+def assert_objective_unbiased(objective, params, exact, *args, what: str = ""):
+    """Value and parameter-gradient means of `objective(key, params, *args)` match `exact`.
+
+    `exact(params, *args)` is the closed form, differentiated by jax.grad for the gradient.
+    """
+    values, grads = many(lambda k: objective.value_and_grad(k, params, *args))
+    assert_unbiased(values, exact(params, *args), what=f"{what} value")
+    exact_grads = jax.grad(exact)(params, *args)
+    for name in params:
+        assert_unbiased(grads[0][name], exact_grads[name], what=f"{what} d/d{name}")
