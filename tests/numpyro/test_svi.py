@@ -103,3 +103,39 @@ def test_posterior_samples_to_arviz_summary():
     assert "mu" in str(summary)
     with pytest.raises(ValueError, match="num_chains=3"):
         px.numpyro.to_inference_data(posterior, num_chains=3)
+
+
+def test_vimco_loss_is_unbiased_for_the_iwelbo_gradient_and_trains():
+    import itertools
+
+    def mixture(x):
+        c = numpyro.sample("c", dist.Bernoulli(probs=0.5))
+        numpyro.sample("x", dist.Normal(4.0 * c - 2.0, 1.0), obs=x)
+
+    def coin_guide(x):
+        numpyro.sample("c", dist.Bernoulli(logits=numpyro.param("logit", 0.0)))
+
+    k, x, logit = 3, 0.5, 0.3
+
+    def exact_loss(l):  # -IWELBO(K) by enumerating the K particles' coins
+        total = 0.0
+        for cs in itertools.product([0.0, 1.0], repeat=k):
+            cs = jnp.array(cs)
+            log_q = dist.Bernoulli(logits=l).log_prob(cs)
+            log_p = dist.Bernoulli(probs=0.5).log_prob(cs) + dist.Normal(4 * cs - 2, 1).log_prob(x)
+            total += jnp.exp(jnp.sum(log_q)) * (jax.nn.logsumexp(log_p - log_q) - jnp.log(k))
+        return -total
+
+    loss = px.numpyro.VIMCO(num_inner=k)
+    params = {"logit": jnp.asarray(logit)}
+    keys = jax.random.split(jax.random.key(7), 10_000)
+    values, grads = jax.jit(jax.vmap(lambda key: jax.value_and_grad(
+        lambda p: loss.loss(key, p, mixture, coin_guide, x))(params)))(keys)
+    exact_value, exact_grad = jax.value_and_grad(exact_loss)(logit)
+    for estimates, exact in [(values, exact_value), (grads["logit"], exact_grad)]:
+        mean, se = mean_and_se(estimates)
+        assert abs(mean - float(exact)) < 4 * se, (mean, se, float(exact))  # k = 4 SE
+
+    svi = SVI(mixture, coin_guide, numpyro.optim.Adam(0.1), loss=loss)
+    result = svi.run(jax.random.key(0), 400, 1.5, progress_bar=False)
+    assert float(result.params["logit"]) > 2.0
