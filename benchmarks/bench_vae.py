@@ -1,0 +1,659 @@
+"""Time per jitted training step of a VAE on digits: ppl_ext vs hand-written JAX, NumPyro, genjax.
+
+Usage:
+    .venv/bin/python benchmarks/bench_vae.py [--repeats N] [--batch-sizes B ...] [--quick]
+                                             [--no-genjax] [--no-check] [--no-results]
+
+The VAE is `models.vae.make_vae(key)` with its defaults: 64 binarised pixels, latent
+dimension 4, equinox MLP encoder (64 -> 64 -> 2*4) and decoder (4 -> 64 -> 64), tanh,
+guide `Normal(loc, softplus(raw) + 1e-3)`, likelihood `Bernoulli(logits = decoder(z))`.
+Every contender uses these very modules: the initial weights are the parameter dict that
+`numpyro.infer.SVI.init` builds for them (`"encoder$params"`, `"decoder$params"`), and the
+non-array parts of the networks come from the modules in make_vae's closures. Data:
+the first B images of a fixed permutation of `models.digits.load_split()`'s training
+split (1438 images), B in 64, 128, 256, 512, 1024.
+
+Each contender is one jitted function `step(state, x) -> (state, loss)` doing ONE training
+step of the single-particle reparameterised ELBO summed over the batch: split the state's
+key, estimate the loss (negative ELBO) and its gradient w.r.t. all network weights from one
+draw `z ~ q(z | x)`, and apply `optax.adam(1e-3)`. This is exactly what
+`numpyro.infer.SVI.update` does (its optimiser here is `optax_to_numpyro(optax.adam(1e-3))`),
+so every contender does the same work around the estimator:
+
+    hand-written        negative ELBO written directly in JAX: z = loc + scale * eps with
+                        eps = jax.random.normal(key, (B, 4)), log densities from
+                        jax.scipy.stats.norm.logpdf and x*logits - softplus(logits);
+                        jax.value_and_grad
+    ppl_ext             the same negative ELBO as a @px.expectation program, z =
+                        px.sample(dist.Normal(loc, scale).to_event(1)) (numpyro
+                        distributions, default estimator = px.reparam, numpyro's default
+                        validate_args, on in 0.22), densities from numpyro's log_prob;
+                        f.value_and_grad(key, params, x=x)   <- target: <= 1.05x hand-written
+    ppl_ext novalidate  the same with dist.Normal(..., validate_args=False): separates the
+                        run-time parameter check (scale > 0) from the transformation
+    ppl_ext vi.elbo     px.vi.elbo(px.gen.NumPyroModel(model), px.gen.NumPyroModel(guide))
+                        on models/vae.py's NumPyro model/guide, .value_and_grad, no SVI
+    ppl_ext SVI         SVI(model, guide, optim, loss=px.numpyro.ELBO()).update
+    numpyro SVI         SVI(model, guide, optim, loss=numpyro.infer.Trace_ELBO()).update
+                                              <- target: ppl_ext SVI / numpyro SVI <= 1.0
+    genjax              genjax 1.0.14 (if installed): @genjax.gen model and guide (guide site
+                        genjax.multivariate_normal_diag_reparam; prior and likelihood are
+                        tfd.Independent TFP distributions), the negative ELBO as a
+                        @genjax.adev.expectation (as in genjax.inference.vi.elbo_factory,
+                        which cannot learn model parameters), value and gradient by
+                        jax.value_and_grad of genjax.adev.invoke_closed_over (what
+                        Expectation.grad_estimate differentiates), under genjax.seed
+
+Time per step: each call is followed by block_until_ready and feeds the returned state to
+the next call (so it trains); after warm-up, --repeats repeats, each running every
+contender for the same number of calls (about 0.15 s for the slowest, at least 5), in
+an order rotated from repeat to repeat. Reported: the median over repeats of the
+per-call time, its ratio to hand-written (ratio of medians), and the interquartile
+range of the paired per-repeat ratios (contender / hand-written in the same repeat) as a
+noise estimate. "HLO ops" counts the instructions of the optimised XLA module of one step
+(entry and fused computations), a machine-independent measure of the work compiled in.
+
+Sanity check (--no-check skips it), at the initial weights and B = 64: (1) the loss of
+every contender's first step over K keys: mean +- standard error, and its z against
+hand-written (|z| <= 4 expected); (2) hand-written and ppl_ext draw eps from the same key
+in the same way, so their loss and gradient for one key must agree to float32 round-off;
+the largest relative difference is reported.
+
+The table is printed and appended to benchmarks/RESULTS.md (unless --no-results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import inspect
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `models` is a top-level folder of the repository
+    sys.path.insert(0, str(ROOT))
+
+import numpyro  # noqa: E402
+import numpyro.distributions as dist  # noqa: E402
+from numpyro.infer import SVI, Trace_ELBO  # noqa: E402
+from numpyro.optim import optax_to_numpyro  # noqa: E402
+
+import ppl_ext as px  # noqa: E402
+from models import digits, vae  # noqa: E402
+
+RUN_TARGET = 1.05  # ppl_ext / hand-written time per step, at most
+NUMPYRO_TARGET = 1.0  # ppl_ext SVI / numpyro SVI time per step, at most (within noise)
+LEARNING_RATE = 1e-3
+BATCH_SIZES = (64, 128, 256, 512, 1024)
+CONTENDERS = (
+    "hand-written",
+    "ppl_ext",
+    "ppl_ext novalidate",
+    "ppl_ext vi.elbo",
+    "ppl_ext SVI",
+    "numpyro SVI",
+    "genjax",
+)
+CHECK_BATCH = 64
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+# ------------------------------------------------------------------------------- the VAE
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The VAE shared by every contender."""
+
+    model: Callable
+    guide: Callable
+    params: dict  # {"encoder$params": ..., "decoder$params": ...} as SVI initialises them
+    encoder_static: eqx.Module
+    decoder_static: eqx.Module
+    latent_dim: int
+    images: np.ndarray  # the training split in a fixed random order
+
+
+def make_setup() -> Setup:
+    model, guide = vae.make_vae(jax.random.key(0))
+    # The modules make_vae registers with eqx_module; their array leaves are the weights.
+    encoder = inspect.getclosurevars(guide).nonlocals["encoder"]
+    decoder = inspect.getclosurevars(model).nonlocals["decoder"]
+    latent_dim = inspect.getclosurevars(guide).nonlocals["latent_dim"]
+    images = digits.load_split()[0]
+    images = images[np.random.default_rng(0).permutation(len(images))]
+    svi = SVI(model, guide, optax_to_numpyro(optax.adam(LEARNING_RATE)), Trace_ELBO())
+    params = svi.get_params(svi.init(jax.random.key(0), jnp.asarray(images[:8])))
+    encoder_params, encoder_static = eqx.partition(encoder, eqx.is_inexact_array)
+    decoder_params, decoder_static = eqx.partition(decoder, eqx.is_inexact_array)
+    for mine, theirs in ((encoder_params, params["encoder$params"]),
+                         (decoder_params, params["decoder$params"])):
+        if not all(np.array_equal(a, b) for a, b in
+                   zip(jax.tree.leaves(mine), jax.tree.leaves(theirs), strict=True)):
+            raise RuntimeError("SVI's initial weights differ from make_vae's modules")
+    return Setup(model, guide, params, encoder_static, decoder_static, latent_dim, images)
+
+
+def _networks(setup: Setup, params):
+    return (eqx.combine(params["encoder$params"], setup.encoder_static),
+            eqx.combine(params["decoder$params"], setup.decoder_static))
+
+
+def _encode(setup: Setup, encoder, x):
+    out = jax.vmap(encoder)(x)
+    latent = setup.latent_dim
+    return out[:, :latent], jax.nn.softplus(out[:, latent:]) + 1e-3
+
+
+# ------------------------------------------------------------------------------ builders
+#
+# Each builder returns (step, init, value_and_grad): `step(state, x) -> (state, loss)` is
+# jitted, `init(key)` the state at the initial weights, and `value_and_grad(key, params,
+# x) -> (loss, grads)` the estimator alone (None where it is not separable), for the check.
+
+
+def _optax_step(setup: Setup, value_and_grad):
+    optimizer = optax.adam(LEARNING_RATE)
+
+    def init(key):
+        return setup.params, optimizer.init(setup.params), key
+
+    @jax.jit
+    def step(state, x):
+        params, opt_state, key = state
+        key, key_step = jax.random.split(key)
+        loss, grads = value_and_grad(key_step, params, x)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state, key), loss
+
+    return step, init, jax.jit(value_and_grad)
+
+
+def build_hand(setup: Setup):
+    norm_logpdf = jax.scipy.stats.norm.logpdf
+
+    def loss(params, key, x):
+        encoder, decoder = _networks(setup, params)
+        loc, scale = _encode(setup, encoder, x)
+        z = loc + scale * jax.random.normal(key, loc.shape, loc.dtype)
+        logits = jax.vmap(decoder)(z)
+        log_likelihood = jnp.sum(x * logits - jax.nn.softplus(logits))
+        log_prior = jnp.sum(norm_logpdf(z))
+        log_q = jnp.sum(norm_logpdf(z, loc, scale))
+        return log_q - log_prior - log_likelihood
+
+    def value_and_grad(key, params, x):
+        return jax.value_and_grad(loss)(params, key, x)
+
+    return _optax_step(setup, value_and_grad)
+
+
+def build_ppl_ext(setup: Setup, validate_args=None):
+    @px.expectation
+    def negative_elbo(params, x):
+        encoder, decoder = _networks(setup, params)
+        loc, scale = _encode(setup, encoder, x)
+        q = dist.Normal(loc, scale, validate_args=validate_args).to_event(1)
+        z = px.sample(q)
+        logits = jax.vmap(decoder)(z)
+        log_likelihood = dist.Bernoulli(logits=logits).to_event(1).log_prob(x).sum()
+        log_prior = dist.Normal(0.0, 1.0).log_prob(z).sum()
+        return q.log_prob(z).sum() - log_prior - log_likelihood
+
+    def value_and_grad(key, params, x):
+        return negative_elbo.value_and_grad(key, params, x=x)
+
+    return _optax_step(setup, value_and_grad)
+
+
+def build_vi_elbo(setup: Setup):
+    objective = px.vi.elbo(px.gen.NumPyroModel(setup.model), px.gen.NumPyroModel(setup.guide))
+
+    def value_and_grad(key, params, x):
+        value, grads = objective.value_and_grad(key, params, x=x)
+        return -value, jax.tree.map(jnp.negative, grads)
+
+    return _optax_step(setup, value_and_grad)
+
+
+def _build_svi(setup: Setup, loss):
+    svi = SVI(setup.model, setup.guide, optax_to_numpyro(optax.adam(LEARNING_RATE)), loss)
+    step = jax.jit(svi.update)
+    x0 = jnp.asarray(setup.images[:8])
+
+    def init(key):
+        return svi.init(key, x0)
+
+    def value_and_grad(key, params, x):
+        return jax.value_and_grad(
+            lambda p: loss.loss(key, p, setup.model, setup.guide, x)
+        )(params)
+
+    return step, init, jax.jit(value_and_grad)
+
+
+def build_px_svi(setup: Setup):
+    return _build_svi(setup, px.numpyro.ELBO())
+
+
+def build_numpyro_svi(setup: Setup):
+    return _build_svi(setup, Trace_ELBO())
+
+
+@functools.cache
+def _genjax():
+    import genjax
+    from genjax import adev
+    from tensorflow_probability.substrates import jax as tfp
+
+    return genjax, adev, tfp.distributions
+
+
+def build_genjax(setup: Setup):
+    genjax, adev, tfd = _genjax()
+    # Array-valued sites with one log density each (genjax's normal/bernoulli are
+    # elementwise): TFP Independent over the batch and event axes.
+    prior = genjax.tfp_distribution(
+        lambda loc, scale: tfd.Independent(tfd.Normal(loc, scale), 2), name="prior")
+    likelihood = genjax.tfp_distribution(
+        lambda logits: tfd.Independent(tfd.Bernoulli(logits=logits, dtype=jnp.float32), 2),
+        name="likelihood")
+
+    @genjax.gen
+    def model(decoder_params, x):
+        shape = (x.shape[0], setup.latent_dim)
+        z = prior(jnp.zeros(shape), jnp.ones(shape)) @ "z"
+        decoder = eqx.combine(decoder_params, setup.decoder_static)
+        likelihood(jax.vmap(decoder)(z)) @ "x"
+
+    @genjax.gen
+    def guide(encoder_params, x):
+        encoder = eqx.combine(encoder_params, setup.encoder_static)
+        loc, scale = _encode(setup, encoder, x)
+        adev.multivariate_normal_diag_reparam(loc, scale) @ "z"
+
+    @adev.expectation
+    def negative_elbo(params, x):
+        trace = guide.simulate(params["encoder$params"], x)
+        log_p, _ = model.assess({"z": trace.get_choices()["z"], "x": x},
+                                params["decoder$params"], x)
+        return -(log_p + trace.get_score())  # the score is -log q(z)
+
+    def loss(params, x):
+        return adev.invoke_closed_over(negative_elbo, (params, x))
+
+    seeded = genjax.seed(jax.value_and_grad(loss))
+
+    def value_and_grad(key, params, x):
+        return seeded(key, params, x)
+
+    return _optax_step(setup, value_and_grad)
+
+
+BUILDERS: dict[str, Callable] = {
+    "hand-written": build_hand,
+    "ppl_ext": build_ppl_ext,
+    "ppl_ext novalidate": functools.partial(build_ppl_ext, validate_args=False),
+    "ppl_ext vi.elbo": build_vi_elbo,
+    "ppl_ext SVI": build_px_svi,
+    "numpyro SVI": build_numpyro_svi,
+    "genjax": build_genjax,
+}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Row:
+    batch: int
+    contender: str
+    run_us: float | None = None
+    samples: list[float] = field(default_factory=list)
+    hlo_ops: int | None = None
+    na: str | None = None
+
+
+@dataclass
+class Live:
+    row: Row
+    step: Callable
+    state: object
+
+
+def _short(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    first = msg[0] if msg else ""
+    return f"{type(exc).__name__}: {first[:160]}"
+
+
+def _hlo_ops(step, state, x) -> int | None:
+    """Instructions in the optimised HLO module (entry and fused computations)."""
+    try:
+        text = step.lower(state, x).compile().as_text()
+    except Exception:
+        return None
+    return sum(1 for line in text.splitlines() if " = " in line and not line.lstrip().startswith(("HloModule", "//")))
+
+
+def measure_batch(setup: Setup, built: dict, batch: int, repeats: int, log) -> list[Row]:
+    x = jnp.asarray(setup.images[:batch])
+    rows, live = [], []
+    for name, b in built.items():
+        row = Row(batch, name)
+        rows.append(row)
+        if isinstance(b, str):
+            row.na = b
+            continue
+        step, init, _ = b
+        try:
+            state = init(jax.random.key(1))
+            for _ in range(3):  # compile and warm up
+                state, loss = step(state, x)
+                jax.block_until_ready(loss)
+            if not np.isfinite(float(loss)):
+                raise FloatingPointError(f"non-finite loss {float(loss)}")
+        except Exception as exc:
+            row.na = f"fails: {_short(exc)}"
+            log(f"  B={batch} {name}: {row.na}")
+            if os.environ.get("BENCH_TRACEBACK"):
+                traceback.print_exc()
+            continue
+        row.hlo_ops = _hlo_ops(step, state, x)
+        live.append(Live(row, step, state))
+
+    single = []
+    for lv in live:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            lv.state, loss = lv.step(lv.state, x)
+            jax.block_until_ready(loss)
+        single.append((time.perf_counter() - t0) / 5)
+    calls = int(np.clip(0.15 / max(single, default=1e-3), 5, 2000))
+
+    for rep in range(repeats):
+        k = rep % max(len(live), 1)
+        for lv in live[k:] + live[:k]:
+            step, state = lv.step, lv.state
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                state, loss = step(state, x)
+                jax.block_until_ready(loss)
+            lv.row.samples.append((time.perf_counter() - t0) / calls * 1e6)
+            lv.state = state
+    for lv in live:
+        lv.row.run_us = statistics.median(lv.row.samples)
+    log(f"  B={batch}: {repeats} repeats x {calls} calls per contender; "
+        + ", ".join(f"{lv.row.contender} {lv.row.run_us:.0f} µs" for lv in live))
+    return rows
+
+
+def check(setup: Setup, built: dict, num_keys: int, log) -> list[str]:
+    """Mean loss over keys per contender (z vs hand-written); hand vs ppl_ext exactly."""
+    x = jnp.asarray(setup.images[:CHECK_BATCH])
+    keys = jax.random.split(jax.random.key(2), num_keys)
+    out, stats = [], {}
+    for name, b in built.items():
+        if isinstance(b, str):
+            continue
+        step, init, _ = b
+        try:
+            losses = np.array([float(step(init(k), x)[1]) for k in keys])
+        except Exception as exc:
+            out.append(f"- {name}: check fails: {_short(exc)}")
+            continue
+        stats[name] = (losses.mean(), losses.std(ddof=1) / np.sqrt(num_keys))
+    hand = stats.get("hand-written")
+    for name, (mean, se) in stats.items():
+        line = f"- {name}: first-step loss at B={CHECK_BATCH}, K={num_keys} keys: {mean:.2f} ± {se:.2f}"
+        if hand and name != "hand-written":
+            z = (mean - hand[0]) / np.hypot(se, hand[1])
+            line += f", z vs hand-written {z:+.2f}" + (" SUSPICIOUS" if abs(z) > 4 else "")
+        out.append(line)
+
+    def flat(tree):
+        return np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
+
+    reference = built.get("hand-written")
+    if not isinstance(reference, tuple):
+        return out
+    for name in ("ppl_ext", "ppl_ext novalidate", "ppl_ext vi.elbo"):
+        other = built.get(name)
+        if not isinstance(other, tuple):
+            continue
+        worst_value, worst_grad = 0.0, 0.0
+        for k in keys[:10]:
+            v0, g0 = reference[2](k, setup.params, x)
+            v1, g1 = other[2](k, setup.params, x)
+            g0, g1 = flat(g0), flat(g1)
+            worst_value = max(worst_value, abs(float(v1 - v0)) / abs(float(v0)))
+            worst_grad = max(worst_grad, float(np.max(np.abs(g1 - g0)) / np.max(np.abs(g0))))
+        verdict = "same draws" if worst_value < 1e-4 and worst_grad < 1e-3 else "DIFFERENT"
+        out.append(
+            f"- {name} vs hand-written, same key (10 keys): max relative difference of the "
+            f"loss {worst_value:.1e}, of the gradient (max-norm) {worst_grad:.1e}: {verdict}"
+        )
+    for line in out:
+        log("  " + line[2:])
+    return out
+
+
+# ------------------------------------------------------------------------------- report
+
+
+def _fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def _paired(row: Row, base: Row | None):
+    if not base or not row.samples or len(row.samples) != len(base.samples):
+        return None
+    return np.array(row.samples) / np.array(base.samples)
+
+
+def table(rows: list[Row]) -> str:
+    head = (
+        "| batch | contender | µs / step (median) | ratio to hand-written | paired ratio IQR "
+        "| HLO ops |\n|---:|---|---:|---:|---:|---:|\n"
+    )
+    hand = {r.batch: r for r in rows if r.contender == "hand-written"}
+    lines = []
+    for r in rows:
+        if r.na or r.run_us is None:
+            lines.append(f"| {r.batch} | {r.contender} | n/a | | | |")
+            continue
+        h = hand.get(r.batch)
+        ratio = r.run_us / h.run_us if h and h.run_us else None
+        paired = _paired(r, h)
+        iqr = (f"{np.percentile(paired, 25):.3f}–{np.percentile(paired, 75):.3f}"
+               if paired is not None else "")
+        lines.append(
+            f"| {r.batch} | {r.contender} | {r.run_us:.1f} | {_fmt(ratio, '.3f')}x | {iqr} "
+            f"| {_fmt(r.hlo_ops, 'd')} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def verdicts(rows: list[Row]) -> str:
+    by = {(r.batch, r.contender): r for r in rows}
+    out = []
+    for batch in sorted({r.batch for r in rows}):
+        hand = by.get((batch, "hand-written"))
+        px_row = by.get((batch, "ppl_ext"))
+        parts = []
+        if hand and hand.run_us and px_row and px_row.run_us:
+            ratio = px_row.run_us / hand.run_us
+            parts.append(f"ppl_ext / hand-written {ratio:.3f}x (target <= {RUN_TARGET}x: "
+                         f"{'met' if ratio <= RUN_TARGET else 'NOT met'})")
+        else:
+            parts.append("ppl_ext / hand-written: not measured")
+        ours, theirs = by.get((batch, "ppl_ext SVI")), by.get((batch, "numpyro SVI"))
+        if ours and ours.run_us and theirs and theirs.run_us:
+            ratio = ours.run_us / theirs.run_us
+            paired = _paired(ours, theirs)
+            low = float(np.percentile(paired, 25)) if paired is not None else ratio
+            verdict = ("met" if ratio <= NUMPYRO_TARGET else
+                       "met within noise" if low <= NUMPYRO_TARGET else "NOT met")
+            parts.append(f"ppl_ext SVI / numpyro SVI {ratio:.3f}x (paired IQR from "
+                         f"{low:.3f}; target <= {NUMPYRO_TARGET}x: {verdict})")
+        else:
+            parts.append("ppl_ext SVI / numpyro SVI: not measured")
+        out.append(f"- B={batch}: " + "; ".join(parts))
+    return "\n".join(out) + "\n"
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    parts = [f"jax {jax.__version__}"]
+    for mod in ("jaxlib", "numpyro", "equinox", "optax", "genjax"):
+        try:
+            parts.append(f"{mod} {version(mod)}")
+        except Exception:
+            pass
+    return ", ".join(parts)
+
+
+def _git() -> str:
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ppl_ext", "models"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return head + (" + uncommitted changes under ppl_ext/ or models/" if dirty else "")
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    load = ""
+    try:
+        load = f", load average at start {os.getloadavg()[0]:.2f}"
+    except OSError:
+        pass
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), "
+            f"jax backend {dev.platform} ({len(jax.devices())} device(s)){load}")
+
+
+def append_results(text: str) -> None:
+    if not RESULTS.exists():
+        RESULTS.write_text(
+            "# Benchmark results\n\nAppended by the scripts in this folder (see README.md); "
+            "newest last. Ratios are to the hand-written JAX equivalent in the same run.\n")
+    with RESULTS.open("a") as fh:
+        fh.write("\n" + text)
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=None, help="repeats (default 15; quick 3)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                   help=f"batch sizes (default {' '.join(map(str, BATCH_SIZES))}; quick 64 1024)")
+    p.add_argument("--quick", action="store_true", help="smoke run: two batch sizes, 3 repeats")
+    p.add_argument("--no-genjax", action="store_true", help="skip genjax")
+    p.add_argument("--no-check", action="store_true", help="skip the sanity check")
+    p.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
+    args = p.parse_args(argv)
+
+    quick = args.quick
+    repeats = args.repeats or (3 if quick else 15)
+    batch_sizes = args.batch_sizes or ([64, 1024] if quick else list(BATCH_SIZES))
+    num_keys = 50 if quick else 200
+
+    def log(msg):
+        print(msg, flush=True)
+
+    command = " ".join([Path(sys.executable).as_posix()] + sys.argv if argv is None
+                       else ["benchmarks/bench_vae.py", *argv])
+    log(f"# {command}")
+    log(f"# {_versions()}; {_machine()}")
+    t_start = time.perf_counter()
+
+    setup = make_setup()
+    if any(b > len(setup.images) or b < 1 for b in batch_sizes):
+        p.error(f"batch sizes must be in [1, {len(setup.images)}]")
+    built: dict[str, object] = {}
+    for name in CONTENDERS:
+        if name == "genjax" and args.no_genjax:
+            continue
+        try:
+            built[name] = BUILDERS[name](setup)
+        except Exception as exc:
+            reason = ("genjax not importable; pip install genjax==1.0.14"
+                      if name == "genjax" and isinstance(exc, ImportError) else "")
+            built[name] = reason or f"fails to build: {_short(exc)}"
+            log(f"  {name}: {built[name]}")
+
+    check_lines = []
+    if not args.no_check:
+        log(f"sanity check (B={CHECK_BATCH}, K={num_keys})")
+        check_lines = check(setup, built, num_keys, log)
+
+    rows: list[Row] = []
+    for batch in batch_sizes:
+        log(f"batch size {batch}")
+        rows += measure_batch(setup, built, batch, repeats, log)
+
+    elapsed = time.perf_counter() - t_start
+    stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    notes = [f"- {r.contender} at B={r.batch}: n/a, {r.na}" for r in rows if r.na]
+    body = (
+        f"## bench_vae.py — {stamp}\n\n"
+        f"- command: `{command}`\n"
+        f"- {_versions()}; ppl_ext at git {_git()}\n"
+        f"- machine: {_machine()}\n"
+        f"- VAE {digits.NUM_FEATURES}-{vae.HIDDEN}-{setup.latent_dim} (models.vae defaults), "
+        f"single-particle ELBO, optax.adam({LEARNING_RATE:g}); repeats={repeats}; total wall "
+        f"time {elapsed:.0f} s{' (QUICK smoke run)' if quick else ''}\n\n"
+        + table(rows)
+        + "\nµs / step = median over repeats of the per-call time of one jitted training step "
+        "(key split, loss and gradient, Adam update; block_until_ready after each call); "
+        "ratio = ratio of medians; paired ratio IQR = quartiles of (contender / hand-written) "
+        "over repeats, contenders interleaved; HLO ops = instructions in the optimised XLA "
+        "module of the step.\n\n"
+        f"Targets: ppl_ext <= {RUN_TARGET}x hand-written; ppl_ext SVI <= {NUMPYRO_TARGET}x "
+        "numpyro SVI (Trace_ELBO):\n\n"
+        + verdicts(rows)
+        + ("\nSanity check:\n\n" + "\n".join(check_lines) + "\n" if check_lines else "")
+        + ("\nNotes:\n\n" + "\n".join(notes) + "\n" if notes else "")
+    )
+    print()
+    print(body)
+    if not args.no_results:
+        append_results(body)
+        log(f"appended to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
