@@ -4,6 +4,10 @@
 `px.expectation`, and call `.estimate`, `.grad` or `jax.grad` on it.
 """
 
+from . import _numpyro_fixes
+
+_numpyro_fixes.apply()  # NumPyro's Bernoulli/Binomial logits gradients at exactly 0
+
 from .adev import (
     ADEVError as ADEVError,
     AbstractContinuationEstimator as AbstractContinuationEstimator,
