@@ -11,11 +11,10 @@ Two guides:
   `marginal_model`, where they are summed out analytically, under any ELBO.
 - `assignment_guide`: the global sites plus `z_i ~ Categorical(logits = a_k x_i² + b_k x_i +
   c_k)` (a family that contains the exact conditional `p(z_i | x_i, locs, scale, weights)`),
-  for ppl_ext's losses, e.g. `px.numpyro.ELBO(estimators={"z": px.enum})`. `px.enum`
-  enumerates a plate-batched site jointly (`K ** batch` values, at most
-  `px.adev._estimators.MAX_ENUMERATION_SIZE`), so train it on small minibatches (e.g. 6
-  points with 3 components: 729 values); `num_data` scales the local terms to the full
-  data set.
+  for ppl_ext's losses, e.g. `px.numpyro.ELBO(estimators={"z": px.enum})`. The ELBO is a
+  sum of per-point terms, so `px.enum` enumerates the plate-batched site point by point
+  (`K` evaluations in all, not `K ** n`) and trains on the whole data set or on
+  minibatches (`num_data` scales the local terms to the full data set).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ With `sg` = `jax.lax.stop_gradient`, a score-function site contributes
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import math
 from collections.abc import Callable
@@ -29,8 +30,13 @@ import numpyro.distributions as dist
 from jaxtyping import Array, ArrayLike
 
 from ._errors import UnsupportedEstimatorError
+from ._separable import L as _LOCAL, P as _PLAIN, S as _SEPARABLE, separate
 
 sg = jax.lax.stop_gradient
+
+#: The label of the site whose continuation estimator is running (for error messages).
+CURRENT_SITE: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "ppl_ext_current_site", default="an enumerated site")
 
 #: Largest joint support that `Enum` enumerates for a batch-shaped site.
 MAX_ENUMERATION_SIZE = 4096
@@ -185,38 +191,120 @@ class Reinforce(AbstractLocalEstimator):
         return x, score, (None if b is None else sg(jnp.asarray(b)) * score)
 
 
-def _support_values(distribution: dist.Distribution, site: str, dtype) -> Array:
-    """All joint values of a finite-support site, shape `(S,) + distribution.shape()`."""
-    batch = distribution.batch_shape
-    n = math.prod(batch)
-    if n == 1:
-        return distribution.enumerate_support(expand=True).astype(dtype)
-    if distribution.event_shape != ():
+def _scalar_support(distribution: dist.Distribution, site: str) -> Array:
+    """The support of one scalar entry of a finite-support site, shape `(K,)`."""
+    base = _univariate_base(distribution)
+    if not base.has_enumerate_support:
         raise UnsupportedEstimatorError(
-            f"{site}: enumeration of a batch-shaped site needs a scalar event shape, got "
-            f"{distribution.event_shape}."
+            f"{site}: enum needs finite support, and {_name(distribution)} has no "
+            "enumerate_support. Use px.reinforce, px.reparam or px.mvd."
         )
-    support = distribution.enumerate_support(expand=False).reshape(-1)
+    if base.event_shape != ():
+        raise UnsupportedEstimatorError(
+            f"{site}: enumerating a batch of {_name(base)} (event shape "
+            f"{base.event_shape}) is supported only entry by entry, for scalar events. "
+            "Use an unbatched site per element, px.mvd or px.reinforce."
+        )
+    return base.enumerate_support(expand=False).reshape(-1)
+
+
+def _joint_values(support: Array, shape: tuple[int, ...], site: str, what: str) -> Array:
+    """All joint values of `prod(shape)` entries with the given support, `(V,) + shape`."""
+    n = math.prod(shape)
     size = support.shape[0] ** n
     if size > MAX_ENUMERATION_SIZE:
         raise UnsupportedEstimatorError(
-            f"{site}: enumerating {n} batch elements with {support.shape[0]} values each "
-            f"means {size} joint values (limit {MAX_ENUMERATION_SIZE}). Use px.mvd or "
+            f"{site}: enumerating {what} means {n} entries with {support.shape[0]} values "
+            f"each, {support.shape[0]}^{n} joint values (limit {MAX_ENUMERATION_SIZE}). "
+            "Use px.mvd or "
             "px.reinforce, or split the site."
         )
-    combos = np.array(list(itertools.product(range(support.shape[0]), repeat=n)))
-    return support[combos].reshape((size,) + batch).astype(dtype)
+    combos = np.array(list(itertools.product(range(support.shape[0]), repeat=n)), np.int32)
+    return support[combos.reshape((size,) + tuple(shape))]
+
+
+def _support_values(distribution: dist.Distribution, site: str, dtype) -> Array:
+    """All joint values of a finite-support site, shape `(S,) + distribution.shape()`."""
+    wrapped = isinstance(distribution, (dist.Independent, dist.ExpandedDistribution))
+    if math.prod(distribution.batch_shape) == 1 and not wrapped:
+        return distribution.enumerate_support(expand=True).astype(dtype)
+    support = _scalar_support(distribution, site)
+    return _joint_values(support, distribution.shape(), site, "the site jointly").astype(dtype)
+
+
+def _element_values(distribution: dist.Distribution, site: str, dtype) -> Array:
+    """Joint values of one element along batch axis 0, shape `(V,) + shape[1:]`."""
+    support = _scalar_support(distribution, site)
+    shape = distribution.shape()[1:]
+    return _joint_values(support, shape, site, "one element of batch axis 0").astype(dtype)
+
+
+def _factorisable(distribution: dist.Distribution) -> bool:
+    batch = distribution.batch_shape
+    return len(batch) > 0 and batch[0] > 1
+
+
+def _weighted_sum(weights: Array, values: Array, axes: int) -> Array:
+    """`Σ w · v` over the leading `axes` axes, with `0 · (±inf or nan)` counted as 0."""
+    w = weights.reshape(weights.shape + (1,) * (values.ndim - axes)).astype(values.dtype)
+    return jnp.sum(jnp.where(w > 0, w * values, 0), axis=tuple(range(axes)))
+
+
+def _enum_factorised(distribution, k, dtype, site):
+    """Plate-factorised enumeration; `(result, None)` or `(None, why it does not apply)`.
+
+    When the rest of the program is a sum of per-element terms along batch axis 0 (see
+    `_separable.py`), `E[k(c)] = Σ_i Σ_v q_i(v) g_i(v) + h`: one evaluation per value `v`
+    of an element, with every element set to `v`.
+    """
+    values = _element_values(distribution, site, dtype)  # (V,) + shape[1:]
+    n = distribution.shape()[0]
+    alternatives = jnp.broadcast_to(values[:, None], (values.shape[0], n) + values.shape[1:])
+    closed, out_shapes = jax.make_jaxpr(k, return_shape=True)(alternatives[0])
+    out_tree = jax.tree.structure(out_shapes)
+    tags: list = []
+
+    def evaluate(value):
+        tagged = separate(closed, value, [], n)
+        tags[:] = tagged
+        return [(t.vec, t.const) if t.kind == _SEPARABLE else t.array() for t in tagged]
+
+    results = jax.vmap(evaluate)(alternatives)
+    objective = tags[:-1]
+    for t in objective:
+        if t.kind == _LOCAL:
+            return None, "the program's output keeps the elements apart (it is not summed)"
+        if t.kind not in (_PLAIN, _SEPARABLE):
+            return None, f"the elements are combined by {t.culprit}"
+    log_q = jax.vmap(distribution.log_prob)(alternatives)  # (V,) + batch_shape
+    q = jnp.exp(log_q.reshape(log_q.shape[:2] + (-1,)).sum(-1))  # (V, n)
+    outs = []
+    for t, result in zip(objective, results[:-1]):
+        if t.kind == _PLAIN:
+            outs.append(result[0])
+        else:
+            vec, const = result
+            outs.append(_weighted_sum(q, vec, 2) + const[0])
+    outs, invalid = jax.tree.unflatten(out_tree, outs + [results[-1]])
+    return (list(outs), first_invalid(invalid)), None
 
 
 class Enum(AbstractContinuationEstimator):
     """Exact enumeration over a finite support: `Σ_s p_s(φ) k(s)`, as a dual number.
 
     Supports every numpyro distribution with `has_enumerate_support` (Bernoulli,
-    Categorical, Binomial, DiscreteUniform, ...). A batch-shaped site is enumerated jointly
-    (at most `MAX_ENUMERATION_SIZE` values). The rest of the program is evaluated once per
-    value, vectorised with `vmap`, with the same randomness for every value (common random
-    numbers, which keeps it unbiased). A continuation estimator: refused inside loop
-    bodies.
+    Categorical, Binomial, DiscreteUniform, ...), also expanded or wrapped by `to_event`.
+    The rest of the program is evaluated once per value, vectorised with `vmap`, with the
+    same randomness for every value (common random numbers, which keeps it unbiased).
+
+    A site with a batch axis (a numpyro plate, `.expand`) is enumerated *per element* of
+    its leading batch axis when the rest of the program is a sum of per-element terms (an
+    ELBO over the plate's data points is): then `K` evaluations cover all `n` elements
+    (`K` values per element, jointly over the element's other axes, at most
+    `MAX_ENUMERATION_SIZE`). Otherwise the site is enumerated jointly, which is refused
+    beyond `MAX_ENUMERATION_SIZE` joint values with an error naming the site and the
+    operation that combines its elements. Both are exact. A continuation estimator:
+    refused inside loop bodies.
     """
 
     def check(self, distribution, site):
@@ -225,19 +313,30 @@ class Enum(AbstractContinuationEstimator):
                 f"{site}: enum needs finite support, and {_name(distribution)} has no "
                 "enumerate_support. Use px.reinforce, px.reparam or px.mvd."
             )
-        _support_values(distribution, site, jnp.int32)
+        if _factorisable(distribution):
+            _element_values(distribution, site, jnp.int32)
+        else:
+            _support_values(distribution, site, jnp.int32)
 
     def run(self, key, distribution, k, surrogate, dtype):
-        values = _support_values(distribution, "enum site", dtype)
+        site = CURRENT_SITE.get()
+        reason = None
+        if _factorisable(distribution):
+            result, reason = _enum_factorised(distribution, k, dtype, site)
+            if result is not None:
+                return result
+        try:
+            values = _support_values(distribution, site, dtype)
+        except UnsupportedEstimatorError as error:
+            if reason is None:
+                raise
+            raise UnsupportedEstimatorError(
+                f"{error} It cannot be enumerated per element either: {reason}."
+            ) from None
         size = values.shape[0]
         log_p = jax.vmap(distribution.log_prob)(values).reshape(size, -1).sum(-1)
-        p = jnp.exp(log_p)
         outs, invalid = jax.vmap(k)(values)
-        result = []
-        for out in outs:
-            w = p.reshape((size,) + (1,) * (out.ndim - 1)).astype(out.dtype)
-            result.append(jnp.sum(jnp.where(w > 0, w * out, 0), axis=0))
-        return result, first_invalid(invalid)
+        return [_weighted_sum(jnp.exp(log_p), out, 1) for out in outs], first_invalid(invalid)
 
 
 def _univariate_base(distribution: dist.Distribution) -> dist.Distribution:

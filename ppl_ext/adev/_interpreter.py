@@ -38,6 +38,7 @@ from jax.extend import core
 from jax._src import source_info_util
 
 from ._errors import UnsupportedEstimatorError, UnsupportedPrimitiveError
+from ._estimators import CURRENT_SITE
 from ._primitives import _FINITENESS as FINITENESS, nested_p, sample_p, site_labels
 
 sg = lax.stop_gradient
@@ -300,9 +301,13 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
             "the loop as a Python for loop (unrolled)."
         )
     fresh = zero_acc(scope.surrogate)
-    outs, invalid = estimator.run(
-        key, distribution, lambda x: resume([x], fresh), scope.surrogate, dtype
-    )
+    token = CURRENT_SITE.set(params["label"])
+    try:
+        outs, invalid = estimator.run(
+            key, distribution, lambda x: resume([x], fresh), scope.surrogate, dtype
+        )
+    finally:
+        CURRENT_SITE.reset(token)
     return Final((apply_acc(outs, acc), merge_invalid(acc.invalid, invalid)))
 
 

@@ -49,8 +49,14 @@ def test_mvd_on_unsupported_family_is_refused():
 
 
 def test_enumeration_too_large_is_refused():
-    with pytest.raises(px.UnsupportedEstimatorError, match="joint values"):
-        run(lambda t: jnp.sum(px.sample(dist.Bernoulli(logits=t).expand((20,)), px.enum)) * 1.0,
+    # 20 elements combined by a product: not a sum of per-element terms, 2^20 joint values
+    with pytest.raises(px.UnsupportedEstimatorError,
+                       match=r"2\^20 joint values.*per element either.*'reduce_prod'"):
+        run(lambda t: jnp.prod(px.sample(dist.Bernoulli(logits=t).expand((20,)), px.enum) * 1.0),
+            0.1)
+    # one element of the leading batch axis alone has 2^13 joint values
+    with pytest.raises(px.UnsupportedEstimatorError, match=r"one element.*2\^13 joint"):
+        run(lambda t: jnp.sum(px.sample(dist.Bernoulli(logits=t).expand((3, 13)), px.enum) * 1.0),
             0.1)
 
 
