@@ -76,6 +76,15 @@ class AbstractLocalEstimator(AbstractEstimator):
         """Draw the site's value; in surrogate mode also return the `A` and `B` terms."""
         raise NotImplementedError
 
+    def run_plate(self, key, distribution, k, dtype) -> tuple[list, Array] | None:
+        """Optional: a lower-variance surrogate using the continuation `k`, or None.
+
+        Called in surrogate mode where the rest of the program is available (not inside
+        loop bodies); returning None (the default) means `local` is used. The draw must
+        be the one `local` makes with the same key, so values agree across modes.
+        """
+        return None
+
 
 class AbstractContinuationEstimator(AbstractEstimator):
     """An estimator that evaluates the rest of the program (the continuation) itself."""
@@ -162,13 +171,22 @@ class Reinforce(AbstractLocalEstimator):
     Tangent: `ẏ + (y - b) · d/dε log p(x; φ + εφ̇)` where `y` is the program's final value
     and `b` a scalar baseline that must not depend on `x` (a constant, a `RunningAverage`,
     or a learned value passed into the objective as an argument; its gradient is zero, so
-    learn it with its own loss, e.g. `(y - b)²`). A batch-shaped site uses its summed log
-    density. Works for every distribution with a `log_prob`.
+    learn it with its own loss, e.g. `(y - b)²`). Works for every distribution with a
+    `log_prob`.
+
+    A batch-shaped site (a numpyro plate) whose elements' terms are added up by the rest
+    of the program (an ELBO over data points) is Rao-Blackwellised per element, as
+    NumPyro's `TraceGraph_ELBO` does with plates: element `i`'s score multiplies only its
+    own term, `Σ_i sg(g_i(x_i)) d log p(x_i)`, which drops the other elements' terms (zero
+    in expectation, not in variance). This needs the rest of the program, so it applies
+    outside loop bodies, without a baseline, and when `rao_blackwellise` is true (the
+    default); otherwise the score of the summed log density multiplies the whole `y`.
 
     Reference: Williams 1992; Mohamed et al. 2020, section 4.
     """
 
     baseline: Any = None
+    rao_blackwellise: bool = eqx.field(static=True, default=True)
 
     def check(self, distribution, site):
         b = self._baseline_value()
@@ -189,6 +207,29 @@ class Reinforce(AbstractLocalEstimator):
         score = _score(distribution, x)
         b = self._baseline_value()
         return x, score, (None if b is None else sg(jnp.asarray(b)) * score)
+
+    def run_plate(self, key, distribution, k, dtype):
+        """Per-element scores: `Σ_i (log q_i - sg) · sg(g_i(x_i))` when `k` is a plate sum."""
+        if not self.rao_blackwellise or self.baseline is not None:
+            return None
+        if not _factorisable(distribution):
+            return None
+        x = sg(distribution.sample(key)).astype(dtype)
+        n = distribution.shape()[0]
+        sep, _ = _separated(k, x[None], n)
+        if sep is None:
+            return None
+        log_q = _element_log_prob(distribution, x[None], n)[0]  # (n,)
+        score = log_q - sg(log_q)
+        outs = []
+        for t, result in zip(sep.tags, sep.results):
+            if t.kind == _PLAIN:
+                outs.append(result[0])  # does not depend on the site: no score term
+            else:
+                vec, const = result[0][0], result[1][0]
+                s_ = score.reshape(score.shape + (1,) * (vec.ndim - 1)).astype(vec.dtype)
+                outs.append(jnp.sum(vec, axis=0) + const + jnp.sum(sg(vec) * s_, axis=0))
+        return _unflatten(sep, outs, sep.invalid)
 
 
 def _scalar_support(distribution: dist.Distribution, site: str) -> Array:
@@ -250,6 +291,50 @@ def _weighted_sum(weights: Array, values: Array, axes: int) -> Array:
     return jnp.sum(jnp.where(w > 0, w * values, 0), axis=tuple(range(axes)))
 
 
+class _Separated(NamedTuple):
+    """Evaluations of a continuation on alternatives, split into per-element terms."""
+
+    tags: list  # per objective output: the `_separable.Val` tag (kind P or S)
+    results: list  # per objective output: value (P) or `(vec, const)` (S), leading axis A
+    invalid: Array  # (A,) invalid site ids
+    out_tree: Any
+
+
+def _separated(k, alternatives, n):
+    """Evaluate `k` on each alternative (leading axis) with per-element tags.
+
+    Returns `(_Separated, None)` when every objective output is plain or a sum of
+    per-element terms along batch axis 0 of the site (length `n`), else `(None, reason)`.
+    """
+    closed, out_shapes = jax.make_jaxpr(k, return_shape=True)(alternatives[0])
+    tags: list = []
+
+    def evaluate(value):
+        tagged = separate(closed, value, [], n)
+        tags[:] = tagged
+        return [(t.vec, t.const) if t.kind == _SEPARABLE else t.array() for t in tagged]
+
+    results = jax.vmap(evaluate)(alternatives)
+    for t in tags[:-1]:
+        if t.kind == _LOCAL:
+            return None, "the program's output keeps the elements apart (it is not summed)"
+        if t.kind not in (_PLAIN, _SEPARABLE):
+            return None, f"the elements are combined by {t.culprit}"
+    out_tree = jax.tree.structure(out_shapes)
+    return _Separated(tags[:-1], results[:-1], results[-1], out_tree), None
+
+
+def _unflatten(sep: _Separated, outs: list, invalid) -> tuple[list, Array]:
+    outs, _ = jax.tree.unflatten(sep.out_tree, outs + [invalid])
+    return list(outs), first_invalid(sep.invalid)
+
+
+def _element_log_prob(distribution, values, n):
+    """Per-element log densities `(A, n)` of alternatives `(A,) + shape`."""
+    log_q = jax.vmap(distribution.log_prob)(values)  # (A,) + batch_shape
+    return log_q.reshape(log_q.shape[:1] + (n, -1)).sum(-1)
+
+
 def _enum_factorised(distribution, k, dtype, site):
     """Plate-factorised enumeration; `(result, None)` or `(None, why it does not apply)`.
 
@@ -260,33 +345,18 @@ def _enum_factorised(distribution, k, dtype, site):
     values = _element_values(distribution, site, dtype)  # (V,) + shape[1:]
     n = distribution.shape()[0]
     alternatives = jnp.broadcast_to(values[:, None], (values.shape[0], n) + values.shape[1:])
-    closed, out_shapes = jax.make_jaxpr(k, return_shape=True)(alternatives[0])
-    out_tree = jax.tree.structure(out_shapes)
-    tags: list = []
-
-    def evaluate(value):
-        tagged = separate(closed, value, [], n)
-        tags[:] = tagged
-        return [(t.vec, t.const) if t.kind == _SEPARABLE else t.array() for t in tagged]
-
-    results = jax.vmap(evaluate)(alternatives)
-    objective = tags[:-1]
-    for t in objective:
-        if t.kind == _LOCAL:
-            return None, "the program's output keeps the elements apart (it is not summed)"
-        if t.kind not in (_PLAIN, _SEPARABLE):
-            return None, f"the elements are combined by {t.culprit}"
-    log_q = jax.vmap(distribution.log_prob)(alternatives)  # (V,) + batch_shape
-    q = jnp.exp(log_q.reshape(log_q.shape[:2] + (-1,)).sum(-1))  # (V, n)
+    sep, reason = _separated(k, alternatives, n)
+    if sep is None:
+        return None, reason
+    q = jnp.exp(_element_log_prob(distribution, alternatives, n))  # (V, n)
     outs = []
-    for t, result in zip(objective, results[:-1]):
+    for t, result in zip(sep.tags, sep.results):
         if t.kind == _PLAIN:
             outs.append(result[0])
         else:
             vec, const = result
             outs.append(_weighted_sum(q, vec, 2) + const[0])
-    outs, invalid = jax.tree.unflatten(out_tree, outs + [results[-1]])
-    return (list(outs), first_invalid(invalid)), None
+    return _unflatten(sep, outs, sep.invalid), None
 
 
 class Enum(AbstractContinuationEstimator):
@@ -408,8 +478,10 @@ class MVD(AbstractContinuationEstimator):
     double-sided Maxwell against the Normal itself), Bernoulli (`δ₁ - δ₀`), Categorical
     (`δ_j`, using `Σ_j ṗ_j = 0`) and Poisson (shift by one), also batch-shaped, expanded
     or wrapped by `to_event`. The rest of the program runs once more per parameter entry
-    (vectorised), with the same downstream randomness. In value mode it costs one
-    evaluation. A continuation estimator: refused inside loop bodies.
+    (vectorised), with the same downstream randomness; for a batch-shaped site whose
+    elements' terms are added up by the rest of the program, all elements are perturbed in
+    the same evaluation (a handful of evaluations however many elements). In value mode it
+    costs one evaluation. A continuation estimator: refused inside loop bodies.
 
     Reference: Mohamed, Rosca, Figurnov & Mnih 2020, "Monte Carlo gradient estimation in
     machine learning", section 6 and table 1; Pflug 1989.
@@ -433,6 +505,10 @@ class MVD(AbstractContinuationEstimator):
         shape = distribution.shape()
         x_flat = x.reshape(-1)
         terms = _mvd_terms(_univariate_base(distribution), shape, x_flat, key_mvd)
+        if _factorisable(distribution):
+            result = _mvd_factorised(x, terms, k, shape, dtype)
+            if result is not None:
+                return result
         alternatives = []
         for term in terms:
             alternatives.append(x_flat[None, :].repeat(term.element.size, 0)
@@ -460,6 +536,61 @@ class MVD(AbstractContinuationEstimator):
                 correction = correction + jnp.sum(coeff * diff, axis=0)
             result.append(out + correction)
         return result, jnp.maximum(invalid, first_invalid(alt_invalid))
+
+
+def _mvd_factorised(x, terms, k, shape, dtype):
+    """MVD with every element perturbed at once, when `k` is a sum of per-element terms.
+
+    Element `i` of batch axis 0 has `m` entries; entry `(i, j)`'s perturbation changes
+    only `g_i`, so one evaluation with entry `j` perturbed in *every* element gives all
+    `n` differences `g_i(x⁺) - g_i(x⁻)` at once: `m` (times the number of alternative
+    values per entry) evaluations instead of `n · m`.
+    """
+    n = shape[0]
+    m = math.prod(shape[1:])
+    x_flat = x.reshape(-1)
+    alternatives, layout = [x_flat[None]], []
+    offset = 1
+    for term in terms:
+        per_entry = term.element.size // (n * m)
+        element = np.asarray(term.element)
+        if not np.array_equal(element, np.repeat(np.arange(n * m), per_entry)):
+            return None
+        rank = np.arange(element.size) % per_entry
+        slot = (element % m) * per_entry + rank  # which alternative changes this entry
+        num_slots = m * per_entry
+        rows = []
+        for values in (term.plus, term.minus):
+            if values is None:
+                rows.append(None)
+                continue
+            alt = jnp.tile(x_flat, (num_slots, 1)).at[slot, element].set(values.astype(dtype))
+            alternatives.append(alt)
+            rows.append(offset + slot)
+            offset += num_slots
+        layout.append((element // m, rows))
+    stacked = jnp.concatenate(alternatives, 0).reshape((-1,) + shape)
+    sep, _ = _separated(k, stacked, n)
+    if sep is None:
+        return None
+    outs = []
+    for t, result in zip(sep.tags, sep.results):
+        if t.kind == _PLAIN:
+            outs.append(result[0])
+            continue
+        vec, const = result  # (A, n) + out shape, (A,) + out shape
+        out = jnp.sum(vec[0], axis=0) + const[0]
+        frozen = sg(vec)
+        correction = jnp.zeros_like(out)
+        for term, (element_index, (plus_rows, minus_rows)) in zip(terms, layout):
+            plus = frozen[plus_rows, element_index]  # (M,) + out shape
+            minus = frozen[minus_rows, element_index] if minus_rows is not None else (
+                frozen[0, element_index])
+            coeff = (term.param - sg(term.param)) * sg(term.weight)
+            coeff = coeff.reshape(coeff.shape + (1,) * out.ndim).astype(out.dtype)
+            correction = correction + jnp.sum(coeff * (plus - minus), axis=0)
+        outs.append(out + correction)
+    return _unflatten(sep, outs, sep.invalid)
 
 
 class LeaveOneOut(AbstractContinuationEstimator):

@@ -289,6 +289,17 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
             invalid=jnp.where((acc.invalid < 0) & ~ok, params["site_id"], acc.invalid)
         )
     if not estimator.continuation:
+        if resume is not None and scope.surrogate:
+            fresh = zero_acc(True)
+            token = CURRENT_SITE.set(params["label"])
+            try:
+                plate = estimator.run_plate(key, distribution, lambda x: resume([x], fresh),
+                                            dtype)
+            finally:
+                CURRENT_SITE.reset(token)
+            if plate is not None:
+                outs, invalid = plate
+                return Final((apply_acc(outs, acc), merge_invalid(acc.invalid, invalid)))
         x, score, baseline_term = estimator.local(key, distribution, scope.surrogate)
         x = jnp.asarray(x).astype(dtype)
         return Continue([x], add_acc(acc, score, baseline_term))
