@@ -150,6 +150,8 @@ class Expectation:
             label = f"nested expectation {getattr(self.fn, '__name__', '')}".strip()
             outs = bind_nested(jaxpr, inputs, label)
             return jax.tree.unflatten(out_tree, outs)
+        if _all_concrete_arrays(args, kwargs):
+            return self._estimate(*args, **kwargs)  # eager call: compile once, not per op
         out, invalid, check = self._run(args, kwargs)
         return raise_if_invalid(out, invalid) if check else out
 
@@ -208,6 +210,16 @@ class Expectation:
     def value_and_grad(self, key, *args, **kwargs):
         """`(estimate, gradient estimate)` from the same draws (jitted)."""
         return self._value_and_grad(key, *args, **kwargs)
+
+
+def _all_concrete_arrays(args, kwargs) -> bool:
+    """Whether every leaf is a concrete array or number (no tracer: not under a transform)."""
+    leaves = jax.tree.leaves((args, kwargs))
+    return bool(leaves) and all(
+        isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex))
+        and not isinstance(x, jax.core.Tracer)
+        for x in leaves
+    )
 
 
 def _value_and_grad_aux(fn, argnums):

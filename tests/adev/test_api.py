@@ -192,3 +192,20 @@ def test_numpyro_plates_batch_sites(key):
 
     grads = many(lambda k: f.grad(k, 0.5))
     assert_unbiased(grads, 6 * 2 * 0.5)
+
+
+def test_eager_call_is_compiled_once_and_equals_estimate():
+    calls = []
+
+    @px.expectation
+    def f(theta):
+        calls.append(1)  # runs when traced
+        return (px.sample(dist.Normal(theta, 1.0)) - 1.0) ** 2
+
+    key = jax.random.key(3)
+    first = f(key, 0.5)
+    traced = len(calls)
+    for _ in range(3):
+        assert float(f(key, 0.5)) == float(first)
+    assert len(calls) == traced  # no re-tracing for repeated eager calls
+    assert float(f.estimate(key, 0.5)) == float(first)
