@@ -52,3 +52,40 @@ def assert_objective_unbiased(objective, params, exact, *args, what: str = ""):
     exact_grads = jax.grad(exact)(params, *args)
     for name in params:
         assert_unbiased(grads[0][name], exact_grads[name], what=f"{what} d/d{name}")
+
+
+# --------------------------------------------- a one-coin model with exactly computable bounds
+
+def coin_model(x):
+    """`c ~ Bernoulli(0.3)`, `x | c ~ Normal(2c - 1, 1)` (NumPyro model, `x` observed)."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    c = numpyro.sample("c", dist.Bernoulli(probs=0.3))
+    numpyro.sample("x", dist.Normal(2.0 * c - 1.0, 1.0), obs=x)
+
+
+def coin_guide(x):
+    """`q(c) = Bernoulli(logits = param "logit")`."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    numpyro.sample("c", dist.Bernoulli(logits=numpyro.param("logit", 0.0)))
+
+
+def exact_coin_iwelbo(params, x, k):
+    """IWELBO(k) of `coin_model`/`coin_guide`, summing over all 2^k joint draws (k=1: ELBO)."""
+    import itertools
+    import math
+
+    import jax.numpy as jnp
+    import numpyro.distributions as dist
+
+    total = 0.0
+    for cs in itertools.product([0.0, 1.0], repeat=k):
+        cs = jnp.array(cs)
+        log_q = dist.Bernoulli(logits=params["logit"]).log_prob(cs)
+        log_p = dist.Bernoulli(probs=0.3).log_prob(cs) + dist.Normal(2 * cs - 1, 1.0).log_prob(x)
+        total += jnp.exp(jnp.sum(log_q)) * (jax.scipy.special.logsumexp(log_p - log_q)
+                                             - math.log(k))
+    return total

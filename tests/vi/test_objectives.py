@@ -10,7 +10,10 @@ import numpyro.distributions as dist
 import pytest
 
 import ppl_ext as px
-from tests.helpers import assert_objective_unbiased, assert_unbiased, many, mean_and_se
+from tests.helpers import (
+    assert_objective_unbiased, assert_unbiased, coin_guide, coin_model, exact_coin_iwelbo, many,
+    mean_and_se,
+)
 
 X = 1.3
 
@@ -71,28 +74,13 @@ def test_at_the_exact_posterior_the_elbo_is_the_evidence():
 
 
 def test_discrete_latent_with_enumeration_and_score_function():
-    def mixture(x):
-        c = numpyro.sample("c", dist.Bernoulli(probs=0.3))
-        numpyro.sample("x", dist.Normal(2.0 * c - 1.0, 1.0), obs=x)
-
-    def coin_guide(x):
-        numpyro.sample("c", dist.Bernoulli(logits=numpyro.param("logit", 0.0)))
-
-    def exact(params, x):
-        p = jax.nn.sigmoid(params["logit"])
-        terms = []
-        for c, qc in [(1.0, p), (0.0, 1 - p)]:
-            log_joint = dist.Bernoulli(probs=0.3).log_prob(c) + dist.Normal(2 * c - 1, 1.0).log_prob(x)
-            terms.append(qc * (log_joint - jnp.log(qc)))
-        return sum(terms)
-
     params = {"logit": jnp.asarray(0.4)}
+    exact = jax.grad(exact_coin_iwelbo)(params, 0.5, 1)["logit"]  # IWELBO(1) = ELBO
     for estimators in [{}, {"c": px.enum}, {"c": px.LeaveOneOut(4)}]:
-        objective = px.vi.elbo(px.gen.NumPyroModel(mixture),
+        objective = px.vi.elbo(px.gen.NumPyroModel(coin_model),
                                px.gen.NumPyroModel(coin_guide, estimators))
         grads = many(lambda k: objective.grad(k, params, 0.5)[0]["logit"])
-        assert_unbiased(grads, jax.grad(exact)(params, 0.5)["logit"],
-                        what=f"discrete elbo {estimators}")
+        assert_unbiased(grads, exact, what=f"discrete elbo {estimators}")
 
 
 def test_renyi_interpolates_between_iwelbo_and_elbo_for_the_same_draws():
@@ -164,28 +152,8 @@ def test_dreg_and_vimco_are_unbiased_for_the_iwelbo_gradient():
 
 
 def test_vimco_with_a_discrete_guide_matches_exact_gradient():
-    def mixture(x):
-        c = numpyro.sample("c", dist.Bernoulli(probs=0.3))
-        numpyro.sample("x", dist.Normal(2.0 * c - 1.0, 1.0), obs=x)
-
-    def coin_guide(x):
-        numpyro.sample("c", dist.Bernoulli(logits=numpyro.param("logit", 0.0)))
-
-    def exact_iwelbo(params, x, k=3):  # sum over all 2^k joint draws
-        import itertools
-        p = jax.nn.sigmoid(params["logit"])
-        total = 0.0
-        for cs in itertools.product([0.0, 1.0], repeat=k):
-            cs = jnp.array(cs)
-            log_q = jnp.where(cs == 1, jnp.log(p), jnp.log1p(-p))
-            log_p = (dist.Bernoulli(probs=0.3).log_prob(cs)
-                     + dist.Normal(2 * cs - 1, 1.0).log_prob(x))
-            total += jnp.exp(jnp.sum(log_q)) * (jax.scipy.special.logsumexp(log_p - log_q)
-                                                 - math.log(k))
-        return total
-
     params = {"logit": jnp.asarray(0.4)}
-    objective = px.vi.vimco(px.gen.NumPyroModel(mixture), px.gen.NumPyroModel(coin_guide), 3)
+    objective = px.vi.vimco(px.gen.NumPyroModel(coin_model), px.gen.NumPyroModel(coin_guide), 3)
     values, grads = many(lambda key: objective.value_and_grad(key, params, 0.5))
-    assert_unbiased(values, exact_iwelbo(params, 0.5))
-    assert_unbiased(grads[0]["logit"], jax.grad(exact_iwelbo)(params, 0.5)["logit"])
+    assert_unbiased(values, exact_coin_iwelbo(params, 0.5, 3))
+    assert_unbiased(grads[0]["logit"], jax.grad(exact_coin_iwelbo)(params, 0.5, 3)["logit"])
