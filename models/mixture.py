@@ -50,6 +50,15 @@ def _local_scale(x, num_data):
     return 1.0 if num_data is None else num_data / x.shape[0]
 
 
+def _global_prior(num_components):
+    """The mixture weights, component locations and shared scale (global sites)."""
+    weights = numpyro.sample("weights", dist.Dirichlet(jnp.ones(num_components)))
+    with numpyro.plate("components", num_components):
+        locs = numpyro.sample("locs", dist.Normal(0.0, 10.0))
+    scale = numpyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    return weights, locs, scale
+
+
 def model(x, num_data: int | None = None, num_components: int = NUM_COMPONENTS):
     """Mixture model over observations `x` of shape `(n,)`; returns nothing.
 
@@ -57,10 +66,7 @@ def model(x, num_data: int | None = None, num_components: int = NUM_COMPONENTS):
     minibatch. The assignment site `"z"` is marked for parallel enumeration, which
     `TraceEnum_ELBO` uses and ppl_ext ignores.
     """
-    weights = numpyro.sample("weights", dist.Dirichlet(jnp.ones(num_components)))
-    with numpyro.plate("components", num_components):
-        locs = numpyro.sample("locs", dist.Normal(0.0, 10.0))
-    scale = numpyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    weights, locs, scale = _global_prior(num_components)
     with handlers.scale(scale=_local_scale(x, num_data)):
         with numpyro.plate("data", x.shape[0]):
             z = numpyro.sample("z", dist.Categorical(weights),
@@ -75,10 +81,7 @@ def marginal_model(x, num_data: int | None = None, num_components: int = NUM_COM
     pairs with `continuous_guide` under any ELBO (`Trace_ELBO`, `px.numpyro.ELBO()`),
     without funsor, and has the same marginal likelihood as `model`.
     """
-    weights = numpyro.sample("weights", dist.Dirichlet(jnp.ones(num_components)))
-    with numpyro.plate("components", num_components):
-        locs = numpyro.sample("locs", dist.Normal(0.0, 10.0))
-    scale = numpyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    weights, locs, scale = _global_prior(num_components)
     with handlers.scale(scale=_local_scale(x, num_data)):
         with numpyro.plate("data", x.shape[0]):
             numpyro.sample("x", dist.MixtureSameFamily(dist.Categorical(weights),

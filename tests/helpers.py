@@ -89,3 +89,18 @@ def exact_coin_iwelbo(params, x, k):
         total += jnp.exp(jnp.sum(log_q)) * (jax.scipy.special.logsumexp(log_p - log_q)
                                              - math.log(k))
     return total
+
+
+# ---------------------------- z ~ Normal(0, 1), x | z ~ Normal(z, 1), q(z) = Normal(loc, e^ls)
+
+def exact_gaussian_elbo(params, x):
+    """Closed-form ELBO of that model with guide params `{"loc", "log_scale"}`."""
+    import math
+
+    import jax.numpy as jnp
+
+    m, s = params["loc"], jnp.exp(params["log_scale"])
+    log_prior = -0.5 * math.log(2 * math.pi) - 0.5 * (m**2 + s**2)
+    log_lik = -0.5 * math.log(2 * math.pi) - 0.5 * ((x - m) ** 2 + s**2)
+    entropy = 0.5 * math.log(2 * math.pi * math.e) + jnp.log(s)
+    return log_prior + log_lik + entropy

@@ -1,6 +1,5 @@
 """genjax interop: genjax models inside ppl_ext objectives, ppl_ext models inside genjax."""
 
-import math
 import sys
 
 import pytest
@@ -17,18 +16,15 @@ from tensorflow_probability.substrates import jax as tfp  # noqa: E402
 
 import ppl_ext as px  # noqa: E402
 from ppl_ext.gen._genjax import GenJAXModel, to_genjax_distribution  # noqa: E402
-from tests.helpers import assert_objective_unbiased, assert_unbiased, many, tree_allclose  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    assert_objective_unbiased, assert_unbiased, exact_gaussian_elbo, many, tree_allclose,
+)
 
 X = 1.3
 PARAMS = {"loc": jnp.asarray(0.2), "log_scale": jnp.asarray(-0.3)}
 
 
-def exact_elbo(params, x):
-    m, s = params["loc"], jnp.exp(params["log_scale"])
-    log_prior = -0.5 * math.log(2 * math.pi) - 0.5 * (m**2 + s**2)
-    log_lik = -0.5 * math.log(2 * math.pi) - 0.5 * ((x - m) ** 2 + s**2)
-    entropy = 0.5 * math.log(2 * math.pi * math.e) + jnp.log(s)
-    return log_prior + log_lik + entropy
+exact_elbo = exact_gaussian_elbo
 
 
 @gen

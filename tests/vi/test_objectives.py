@@ -11,6 +11,7 @@ import pytest
 
 import ppl_ext as px
 from tests.helpers import (
+    exact_gaussian_elbo,
     assert_objective_unbiased, assert_unbiased, coin_guide, coin_model, exact_coin_iwelbo, many,
     mean_and_se,
 )
@@ -29,12 +30,7 @@ def guide(x):
     numpyro.sample("z", dist.Normal(loc, jnp.exp(log_scale)))
 
 
-def exact_elbo(params, x):
-    m, s = params["loc"], jnp.exp(params["log_scale"])
-    log_prior = -0.5 * math.log(2 * math.pi) - 0.5 * (m**2 + s**2)
-    log_lik = -0.5 * math.log(2 * math.pi) - 0.5 * ((x - m) ** 2 + s**2)
-    entropy = 0.5 * math.log(2 * math.pi * math.e) + jnp.log(s)
-    return log_prior + log_lik + entropy
+exact_elbo = exact_gaussian_elbo
 
 
 LOG_EVIDENCE = float(dist.Normal(0.0, math.sqrt(2.0)).log_prob(X))
