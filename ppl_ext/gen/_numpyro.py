@@ -48,6 +48,25 @@ class _DrawWithEstimators(numpyro.primitives.Messenger):
         self.drawn[name] = value
 
 
+def _log_joint(model_trace) -> Array:
+    """Sum of the (scaled, masked) log densities of a trace's sample sites.
+
+    What `numpyro.infer.util.log_density` computes, from a trace already recorded.
+    """
+    total = jnp.zeros(())
+    for site in model_trace.values():
+        if site["type"] != "sample":
+            continue
+        if site["intermediates"]:
+            log_prob = site["fn"].log_prob(site["value"], site["intermediates"])
+        else:
+            log_prob = site["fn"].log_prob(site["value"])
+        if site["scale"] is not None:
+            log_prob = site["scale"] * log_prob
+        total = total + jnp.sum(log_prob)
+    return total
+
+
 class NumPyroModel(AbstractGenerativeFunction):
     """A NumPyro model or guide function as a generative function.
 
@@ -75,13 +94,16 @@ class NumPyroModel(AbstractGenerativeFunction):
     default_estimator: AbstractEstimator | None = eqx.field(static=True, default=None)
 
     def _run(self, params, constraints, args, kwargs):
+        # One run of the function: the densities come from the trace of the run that drew
+        # the values (running it again for `log_density` would double the work that XLA
+        # cannot deduplicate in the backward pass).
         fn = handlers.substitute(self.fn, data=dict(params or {}))
         handler = _DrawWithEstimators(fn, dict(constraints), dict(self.estimators),
                                       self.default_estimator)
-        retval = handler(*args, **kwargs)
+        traced = handlers.trace(handler)
+        retval = traced(*args, **kwargs)
         values = {**dict(constraints), **handler.drawn}
-        log_p, model_trace = log_density(self.fn, args, kwargs, {**dict(params or {}), **values})
-        return values, handler.drawn, jnp.asarray(log_p), retval, model_trace
+        return values, handler.drawn, _log_joint(traced.trace), retval, traced.trace
 
     def simulate(self, params: Mapping[str, Any] | None, *args, **kwargs) -> Trace:
         """Draw every latent site; `log_density` is the joint log density of the run."""
