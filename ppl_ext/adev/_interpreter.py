@@ -39,7 +39,14 @@ from jax._src import source_info_util
 
 from ._errors import UnsupportedEstimatorError, UnsupportedPrimitiveError
 from ._estimators import CURRENT_SITE
-from ._primitives import _FINITENESS as FINITENESS, nested_p, sample_p, site_labels
+from ._primitives import (
+    _FINITENESS as FINITENESS,
+    constraint_by_id,
+    nested_p,
+    sample_p,
+    site_labels,
+)
+from ._signs import fact_of, proves
 
 sg = lax.stop_gradient
 
@@ -63,6 +70,7 @@ class Scope(NamedTuple):
     slots: dict[int, int]
     surrogate: bool
     where: tuple[str, ...]
+    jaxpr: Any = None  # the jaxpr being run (for the sign facts of its variables)
 
 
 class Continue(NamedTuple):
@@ -180,11 +188,22 @@ def raise_if_invalid(values, invalid):
     return eqx.branched_error_if(values, invalid >= 0, index, messages)
 
 
+def _open_checks(jaxpr: core.Jaxpr, eqn) -> list[tuple[int, Any]]:
+    """The parameter checks of a site that the program does not already guarantee."""
+    open_checks = []
+    for index, constraint_id in eqn.params["checks"]:
+        constraint = constraint_by_id(constraint_id)
+        if index >= 0 and proves(fact_of(jaxpr, eqn.invars[index]), constraint):
+            continue
+        open_checks.append((index, constraint))
+    return open_checks
+
+
 @functools.lru_cache(maxsize=8192)
 def has_validated_sites(jaxpr: core.Jaxpr) -> bool:
     """Whether a site in `jaxpr` (outside nested expectations) checks its parameters."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive is sample_p and eqn.params["validate"]:
+        if eqn.primitive is sample_p and _open_checks(jaxpr, eqn):
             return True
         if eqn.primitive is not nested_p and any(
             has_validated_sites(j) for j in _sub_jaxprs(eqn.params)
@@ -216,7 +235,7 @@ def run_jaxpr(
         keys = key[None]
     else:
         keys = jax.random.split(key, len(slots))
-    scope = Scope(keys, slots, surrogate, where)
+    scope = Scope(keys, slots, surrogate, where, jaxpr)
     return _run_from(jaxpr, 0, env, scope, acc, cont)
 
 
@@ -283,8 +302,14 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
     params = eqn.params
     distribution, estimator = jax.tree.unflatten(params["tree"], invals)
     dtype = params["out_aval"].dtype
-    if params["validate"]:
-        ok = _parameters_valid(distribution)
+    checks = _open_checks(scope.jaxpr, eqn)
+    if checks:
+        ok = jnp.bool_(True)
+        for index, constraint in checks:
+            if index < 0:
+                ok = ok & _parameters_valid(distribution)
+            else:
+                ok = ok & jnp.all(constraint(invals[index]))
         acc = acc._replace(
             invalid=jnp.where((acc.invalid < 0) & ~ok, params["site_id"], acc.invalid)
         )

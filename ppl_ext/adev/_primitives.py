@@ -165,7 +165,7 @@ def sample(
         out_aval=out_aval,
         continuation=estimator.continuation,
         pathwise=isinstance(estimator, Reparam) and not estimator.allow_discontinuous,
-        validate=_needs_runtime_check(distribution),
+        checks=_runtime_checks(distribution, leaves),
         site_id=_register_site(label),
         label=label,
     )
@@ -175,23 +175,47 @@ def sample(
 _FINITENESS = (constraints.real, constraints.real_vector, constraints.real_matrix)
 
 
-def _needs_runtime_check(distribution: dist.Distribution) -> bool:
-    """Validation is on and some traced parameter has a constraint beyond finiteness.
+#: Constraints checked at run time, by id (primitive parameters must be hashable).
+_CONSTRAINTS: list = []
 
-    numpyro checks concrete parameters when the distribution is built and skips traced
-    ones; ppl_ext checks those at run time (see `_interpreter._parameters_valid`).
+
+def constraint_by_id(index: int):
+    """The constraint registered under `index` by `_runtime_checks`."""
+    return _CONSTRAINTS[index]
+
+
+def _constraint_id(constraint) -> int:
+    for i, c in enumerate(_CONSTRAINTS):
+        if c is constraint:
+            return i
+    _CONSTRAINTS.append(constraint)
+    return len(_CONSTRAINTS) - 1
+
+
+def _runtime_checks(distribution: dist.Distribution, leaves) -> tuple:
+    """`((leaf index, constraint id), ...)` for traced parameters to check at run time.
+
+    numpyro checks concrete parameters when the distribution is built (if its
+    `validate_args` is on) and skips traced ones; ppl_ext checks those at run time, unless
+    the program guarantees them (`_signs.py`). Only constraints beyond finiteness count. A
+    traced parameter that is not itself a leaf gets index -1: the whole distribution is
+    then checked (`_interpreter._parameters_valid`).
     """
+    checks = []
     base = getattr(distribution, "base_dist", None)  # Expanded, Independent, Masked, ...
-    if isinstance(base, dist.Distribution) and _needs_runtime_check(base):
-        return True
+    if isinstance(base, dist.Distribution):
+        checks += _runtime_checks(base, leaves)
     if not distribution._validate_args:
-        return False
+        return tuple(checks)
     for name, constraint in distribution.arg_constraints.items():
         if any(constraint is c for c in _FINITENESS) or constraints.is_dependent(constraint):
             continue
-        if isinstance(distribution.__dict__.get(name), jax.core.Tracer):
-            return True
-    return False
+        value = distribution.__dict__.get(name)
+        if not isinstance(value, jax.core.Tracer):
+            continue
+        index = next((i for i, leaf in enumerate(leaves) if leaf is value), -1)
+        checks.append((index, _constraint_id(constraint)))
+    return tuple(checks)
 
 
 _SITE_LABELS: dict[str, int] = {}

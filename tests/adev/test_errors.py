@@ -259,3 +259,27 @@ def test_custom_distribution_without_constraints_is_not_taken_as_reparameterisab
     grads = jax.vmap(f.grad, (0, None))(keys, 0.3)
     se = float(jnp.std(grads)) / 100
     assert abs(float(jnp.mean(grads)) - 1.0) < 4 * se
+
+
+def test_checks_the_program_guarantees_are_not_compiled():
+    # softplus(.) + 1e-3 > 0 and sigmoid(.) in [0, 1] hold by construction: no run-time check
+    # (which would be a host callback in the compiled program)
+    def guaranteed(raw):
+        scale = jax.nn.softplus(raw) + 1e-3
+        p = jax.nn.sigmoid(raw)
+        return (jnp.sum(px.sample(dist.Normal(0.0, scale, validate_args=True)))
+                + jnp.sum(px.sample(dist.Bernoulli(probs=1.0 - p, validate_args=True),
+                                    px.enum)))
+
+    def unproven(raw):  # exp can underflow to 0: checked
+        return jnp.sum(px.sample(dist.Normal(0.0, jnp.exp(raw), validate_args=True)))
+
+    raw = jnp.array([-2.0, 0.0, 3.0])
+    key = jax.random.key(0)
+    for program, expect_check in [(guaranteed, False), (unproven, True)]:
+        f = px.expectation(program)
+        text = jax.jit(f.grad).lower(key, raw).as_text()
+        assert ("callback" in text) == expect_check, program.__name__
+        assert jnp.all(jnp.isfinite(f.grad(key, raw)))
+    with pytest.raises(Exception, match="violates its constraint"):
+        jax.block_until_ready(px.expectation(unproven).estimate(key, jnp.array([-200.0])))
