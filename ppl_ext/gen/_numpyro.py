@@ -90,8 +90,9 @@ class NumPyroModel(AbstractGenerativeFunction):
     """
 
     fn: Callable = eqx.field(static=True)
-    estimators: Mapping[str, AbstractEstimator] = eqx.field(static=True, default_factory=dict)
-    default_estimator: AbstractEstimator | None = eqx.field(static=True, default=None)
+    # pytrees: an estimator may hold arrays (a traced or learned baseline)
+    estimators: Mapping[str, AbstractEstimator] = eqx.field(default_factory=dict)
+    default_estimator: AbstractEstimator | None = None
 
     def _run(self, params, constraints, args, kwargs):
         # One run of the function: the densities come from the trace of the run that drew

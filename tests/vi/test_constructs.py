@@ -6,13 +6,16 @@ Each check is a mean of 10^4 estimates within K_SE = 4 standard errors (conftest
 import math
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 import pytest
 
 import ppl_ext as px
-from tests.helpers import assert_unbiased, many, mean_and_se
+from tests.helpers import (
+    assert_unbiased, coin_guide, coin_model, exact_coin_iwelbo, many, mean_and_se,
+)
 
 SQRT_2PI = math.sqrt(2 * math.pi)
 
@@ -137,3 +140,20 @@ def test_named_hierarchical_objectives_are_ordered_bounds():
         assert a < b + 4 * math.hypot(sa, sb), (lo, hi, means)
     assert means["diwhvi"][0] < log_evidence + 4 * means["diwhvi"][1]
     assert means["diwhvi"][0] > means["hvi"][0]
+
+
+def test_numpyro_model_with_a_traced_baseline_and_an_enumerated_event_site():
+    # estimators are pytrees of the generative function: a traced baseline is fine
+    @px.expectation
+    def objective(params, baseline, x):
+        q = px.gen.NumPyroModel(coin_guide, {"c": px.Reinforce(baseline=baseline)})
+        trace = q.simulate(params, x)
+        return px.gen.NumPyroModel(coin_model).assess(trace.choices, params, x) - trace.log_density
+
+    params = {"logit": jnp.asarray(0.4)}
+    grads = many(lambda k: objective.grad(k, params, jnp.asarray(-1.0), 0.5)[0]["logit"])
+    assert_unbiased(grads, jax.grad(exact_coin_iwelbo)(params, 0.5, 1)["logit"])
+    # px.enum on a to_event site without batch axes enumerates its entries jointly
+    f = px.expectation(lambda l: jnp.sum(
+        px.sample(dist.Bernoulli(logits=l).to_event(1), px.enum) * jnp.arange(3.0)))
+    np.testing.assert_allclose(f.grad(jax.random.key(0), jnp.zeros(3)), 0.25 * jnp.arange(3.0))
