@@ -42,10 +42,8 @@ The table is printed and appended to benchmarks/RESULTS.md (unless --no-results)
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import os
-import platform
 import statistics
 import sys
 import time
@@ -62,6 +60,12 @@ from jax import lax
 import numpyro.distributions as dist
 import ppl_ext as px
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # _common.py is next to this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    command_line, fmt, log, machine, markdown_table, report, results_heading,
+    short_exception, versions)
+
 sg = lax.stop_gradient
 
 RUN_TARGET = 1.05  # ppl_ext run time / hand-written run time, at most
@@ -71,8 +75,7 @@ PROGRAMS = ("reparam/unrolled", "reparam/scan", "reinforce/unrolled", "reinforce
 # "ppl_ext" is the default user code (numpyro >= 0.22 validates distribution arguments by
 # default); "ppl_ext novalidate" builds the same sites with validate_args=False.
 CONTENDERS = ("hand-written", "ppl_ext", "ppl_ext novalidate", "genjax")
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+VERSIONS = ("jaxlib", "numpyro", "genjax")  # packages whose versions are reported
 
 
 # ------------------------------------------------------------------------------ builders
@@ -136,29 +139,34 @@ def build_hand(program: str, n: int):
     return jitted, jitted
 
 
-def build_ppl_ext(program: str, n: int, validate_args=None):
-    estimator, shape = program.split("/")
-    est = px.reparam if estimator == "reparam" else px.reinforce
-
+def _program(shape: str, n: int, draw: Callable):
+    """`theta -> sum_i (x_i - 1)^2` with `x_i = draw(theta_i)`, in a Python for loop
+    ("unrolled") or as a lax.scan over theta; a fresh Python function on every call."""
     if shape == "unrolled":
 
         def prog(theta):
             s = jnp.zeros((), theta.dtype)
             for i in range(n):
-                x = px.sample(dist.Normal(theta[i], 1.0, validate_args=validate_args), est)
-                s = s + (x - 1.0) ** 2
+                s = s + (draw(theta[i]) - 1.0) ** 2
             return s
 
     else:
 
         def prog(theta):
             def body(s, th):
-                x = px.sample(dist.Normal(th, 1.0, validate_args=validate_args), est)
-                return s + (x - 1.0) ** 2, None
+                return s + (draw(th) - 1.0) ** 2, None
 
             s, _ = lax.scan(body, jnp.zeros((), theta.dtype), theta)
             return s
 
+    return prog
+
+
+def build_ppl_ext(program: str, n: int, validate_args=None):
+    estimator, shape = program.split("/")
+    est = px.reparam if estimator == "reparam" else px.reinforce
+    prog = _program(
+        shape, n, lambda th: px.sample(dist.Normal(th, 1.0, validate_args=validate_args), est))
     f = px.expectation(prog)
     # `f.grad` calls the jitted `f._grad`; lowering and compiling that very object fills
     # the cache that `f.grad` hits. (Fallback if the attribute is ever renamed.)
@@ -181,27 +189,7 @@ def build_genjax(program: str, n: int):
     _, adev, seed = _genjax()
     estimator, shape = program.split("/")
     prim = adev.normal_reparam if estimator == "reparam" else adev.normal_reinforce
-
-    if shape == "unrolled":
-
-        def prog(theta):
-            s = jnp.zeros((), theta.dtype)
-            for i in range(n):
-                x = prim(theta[i], 1.0)
-                s = s + (x - 1.0) ** 2
-            return s
-
-    else:
-
-        def prog(theta):
-            def body(s, th):
-                x = prim(th, 1.0)
-                return s + (x - 1.0) ** 2, None
-
-            s, _ = lax.scan(body, jnp.zeros((), theta.dtype), theta)
-            return s
-
-    f = adev.expectation(prog)
+    f = adev.expectation(_program(shape, n, lambda th: prim(th, 1.0)))
     jitted = jax.jit(seed(f.grad_estimate))
     return jitted, jitted
 
@@ -235,12 +223,6 @@ class Row:
         return statistics.median(self.lower_ms) + statistics.median(self.xla_ms)
 
 
-def _short(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    first = msg[0] if msg else ""
-    return f"{type(exc).__name__}: {first[:160]}"
-
-
 def _inputs(n: int):
     return jax.random.key(0), jnp.linspace(-1.0, 1.0, n, dtype=jnp.float32)
 
@@ -254,7 +236,7 @@ def warm_up(contenders, programs, log):
                 jitted, call = BUILDERS[c](program, 2)
                 jax.block_until_ready(call(key, theta))
             except Exception as exc:  # reported later, when measured for real
-                log(f"  warm-up {program} {c}: {_short(exc)}")
+                log(f"  warm-up {program} {c}: {short_exception(exc)}")
 
 
 def check_rows(rows: list[Row], n: int, log):
@@ -274,7 +256,7 @@ def check_rows(rows: list[Row], n: int, log):
         try:
             g = np.stack([np.asarray(row.call(kk, theta)) for kk in keys])
         except Exception as exc:
-            row.na = f"fails when run: {_short(exc)}"
+            row.na = f"fails when run: {short_exception(exc)}"
             continue
         std = g.std(axis=0, ddof=1)
         if not np.all(np.isfinite(g)):
@@ -314,7 +296,7 @@ def measure_compile(rows: list[Row], n: int, repeats: int, budget_s: float, log)
                 lowered.compile()
                 t2 = time.perf_counter()
             except Exception as exc:
-                row.na = f"fails: {_short(exc)}"
+                row.na = f"fails: {short_exception(exc)}"
                 log(f"  {row.program} {row.contender}: {row.na}")
                 if os.environ.get("BENCH_TRACEBACK"):
                     traceback.print_exc()
@@ -360,36 +342,29 @@ def measure_run(rows: list[Row], n: int, repeats: int, log):
 # ------------------------------------------------------------------------------- report
 
 
-def _fmt(v, spec):
-    return "n/a" if v is None else format(v, spec)
-
-
 def table(rows: list[Row]) -> str:
     hand = {r.program: r for r in rows if r.contender == "hand-written"}
-    head = (
-        "| program | contender | run (µs, median) | run ratio | lower (ms) | XLA compile (ms) "
-        "| compile (ms) | compile ratio | compile n |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
-    )
     lines = []
     for r in rows:
         h = hand.get(r.program)
         if r.na:
-            lines.append(f"| {r.program} | {r.contender} | n/a | | | | | | |")
+            lines.append([r.program, r.contender, "n/a"])
             continue
         run_ratio = r.run_us / h.run_us if h and h.run_us and r.run_us else None
         comp_ratio = (
             r.compile_ms / h.compile_ms if h and h.compile_ms and r.compile_ms else None
         )
-        lines.append(
-            f"| {r.program} | {r.contender} | {_fmt(r.run_us, '.1f')} "
-            f"| {_fmt(run_ratio, '.3f')}x "
-            f"| {_fmt(statistics.median(r.lower_ms) if r.lower_ms else None, '.0f')} "
-            f"| {_fmt(statistics.median(r.xla_ms) if r.xla_ms else None, '.0f')} "
-            f"| {_fmt(r.compile_ms, '.0f')} | {_fmt(comp_ratio, '.2f')}x "
-            f"| {len(r.lower_ms)}/{len(r.xla_ms)} |"
-        )
-    return head + "\n".join(lines) + "\n"
+        lines.append([
+            r.program, r.contender, fmt(r.run_us, ".1f"), f"{fmt(run_ratio, '.3f')}x",
+            fmt(statistics.median(r.lower_ms) if r.lower_ms else None, ".0f"),
+            fmt(statistics.median(r.xla_ms) if r.xla_ms else None, ".0f"),
+            fmt(r.compile_ms, ".0f"), f"{fmt(comp_ratio, '.2f')}x",
+            f"{len(r.lower_ms)}/{len(r.xla_ms)}",
+        ])
+    return markdown_table(
+        ["program", "contender", "run (µs, median)", "run ratio", "lower (ms)",
+         "XLA compile (ms)", "compile (ms)", "compile ratio", "compile n"],
+        "llrrrrrrr", lines)
 
 
 def verdicts(rows: list[Row]) -> str:
@@ -417,62 +392,6 @@ def notes(rows: list[Row]) -> str:
     return "\n".join(out) + ("\n" if out else "")
 
 
-def _versions() -> str:
-    parts = [f"jax {jax.__version__}"]
-    for mod in ("jaxlib", "numpyro", "genjax"):
-        try:
-            from importlib.metadata import version
-
-            parts.append(f"{mod} {version(mod)}")
-        except Exception:
-            pass
-    return ", ".join(parts)
-
-
-def _git() -> str:
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "ppl_ext"], cwd=root, capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return head + (" + uncommitted changes under ppl_ext/" if dirty else "")
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    return (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), "
-        f"jax backend {dev.platform} ({len(jax.devices())} device(s))"
-    )
-
-
-def append_results(text: str) -> None:
-    if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Benchmark results\n\n"
-            "Appended by the scripts in this folder (see README.md); newest last. Ratios are "
-            "to the hand-written JAX equivalent in the same run.\n"
-        )
-    with RESULTS.open("a") as fh:
-        fh.write("\n" + text)
-
-
 # --------------------------------------------------------------------------------- main
 
 
@@ -498,9 +417,6 @@ def main(argv=None) -> int:
     budget = args.compile_budget if args.compile_budget is not None else (0.0 if quick else 20.0)
     n = args.sites or (10 if quick else 100)
 
-    def log(msg):
-        print(msg, flush=True)
-
     contenders = list(CONTENDERS)
     genjax_reason = None
     if args.no_genjax:
@@ -509,11 +425,11 @@ def main(argv=None) -> int:
         try:
             _genjax()
         except Exception as exc:
-            genjax_reason = f"genjax not importable ({_short(exc)}); pip install genjax==1.0.14"
+            genjax_reason = f"genjax not importable ({short_exception(exc)}); pip install genjax==1.0.14"
 
-    command = " ".join([Path(sys.executable).as_posix()] + sys.argv if argv is None else ["bench_adev.py", *argv])
+    command = command_line(argv, "bench_adev.py")
     log(f"# {command}")
-    log(f"# {_versions()}; {_machine()}")
+    log(f"# {versions(VERSIONS)}; {machine()}")
     log(f"# sites={n} repeats={repeats} compile_repeats={compile_repeats} compile_budget={budget}s")
 
     t_start = time.perf_counter()
@@ -534,7 +450,7 @@ def main(argv=None) -> int:
                     _, r.call = build_genjax(r.program, n)
                     jax.block_until_ready(r.call(key, theta))
                 except Exception as exc:
-                    r.na = f"fails: {_short(exc)}"
+                    r.na = f"fails: {short_exception(exc)}"
         check_rows([r for r in rows if r.contender == "genjax" and r.program.endswith("scan")], n, log)
         for r in rows:
             r.call, r.check = None, r.check if r.na else ""
@@ -548,12 +464,9 @@ def main(argv=None) -> int:
         check_rows(rows, n, log)
 
     elapsed = time.perf_counter() - t_start
-    stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     body = (
-        f"## bench_adev.py — {stamp}\n\n"
-        f"- command: `{command}`\n"
-        f"- {_versions()}; ppl_ext at git {_git()}\n"
-        f"- machine: {_machine()}\n"
+        results_heading("bench_adev.py", command, versions(VERSIONS))
+        + f"- machine: {machine()}\n"
         f"- sites={n}, run repeats={repeats}, lowering repeats={compile_repeats}, "
         f"XLA compile budget={budget:g} s per contender, total wall time {elapsed:.0f} s"
         f"{' (QUICK smoke run)' if quick else ''}\n\n"
@@ -566,12 +479,7 @@ def main(argv=None) -> int:
         + verdicts(rows)
         + ("\nNotes:\n\n" + notes(rows) if notes(rows) else "")
     )
-    print()
-    print(body)
-    if not args.no_results:
-        append_results(body)
-        log(f"appended to {RESULTS}")
-    return 0
+    return report(body, args.no_results)
 
 
 if __name__ == "__main__":

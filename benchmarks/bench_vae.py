@@ -87,11 +87,9 @@ The table is printed and appended to benchmarks/RESULTS.md (unless --no-results)
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import inspect
 import os
-import platform
 import statistics
 import sys
 import time
@@ -106,9 +104,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `models` is a top-level folder of the repository
-    sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+for _path in (HERE, HERE.parent):  # _common.py is next to this file; `models` is a
+    if str(_path) not in sys.path:  # top-level folder of the repository
+        sys.path.insert(0, str(_path))
 
 import numpyro  # noqa: E402
 import numpyro.distributions as dist  # noqa: E402
@@ -116,6 +115,9 @@ from numpyro.infer import SVI, Trace_ELBO  # noqa: E402
 from numpyro.optim import optax_to_numpyro  # noqa: E402
 
 import ppl_ext as px  # noqa: E402
+from _common import (  # noqa: E402
+    command_line, fmt, load_average, log, machine, markdown_table, report, results_heading,
+    short_exception, versions)
 from models import digits, vae  # noqa: E402
 
 RUN_TARGET = 1.05  # ppl_ext / hand-written time per step, at most
@@ -138,8 +140,7 @@ SAME_DRAWS = ("hand-written numpyro-densities", "ppl_ext", "ppl_ext novalidate",
               "ppl_ext SVI", "ppl_ext SVI novalidate")
 CHECK_BATCH = 64
 BLOCK_SECONDS = 0.03  # per contender and repeat, for the slowest contender
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+VERSIONS = ("jaxlib", "numpyro", "equinox", "optax", "genjax")  # versions reported
 
 
 # ------------------------------------------------------------------------------- the VAE
@@ -234,16 +235,22 @@ def build_hand(setup: Setup):
     return _optax_step(setup, value_and_grad)
 
 
+def _numpyro_negative_elbo(setup: Setup, params, x, draw, validate_args=None):
+    """The negative ELBO with numpyro's densities, `z = draw(q)`: the body of the ppl_ext
+    program (draw = px.sample) and of its hand-written equivalent (draw = q.rsample(key))."""
+    encoder, decoder = _networks(setup, params)
+    loc, scale = _encode(setup, encoder, x)
+    q = dist.Normal(loc, scale, validate_args=validate_args).to_event(1)
+    z = draw(q)
+    logits = jax.vmap(decoder)(z)
+    log_likelihood = dist.Bernoulli(logits=logits).to_event(1).log_prob(x).sum()
+    log_prior = dist.Normal(0.0, 1.0).log_prob(z).sum()
+    return q.log_prob(z).sum() - log_prior - log_likelihood
+
+
 def build_hand_numpyro(setup: Setup):
     def loss(params, key, x):
-        encoder, decoder = _networks(setup, params)
-        loc, scale = _encode(setup, encoder, x)
-        q = dist.Normal(loc, scale).to_event(1)
-        z = q.rsample(key)
-        logits = jax.vmap(decoder)(z)
-        log_likelihood = dist.Bernoulli(logits=logits).to_event(1).log_prob(x).sum()
-        log_prior = dist.Normal(0.0, 1.0).log_prob(z).sum()
-        return q.log_prob(z).sum() - log_prior - log_likelihood
+        return _numpyro_negative_elbo(setup, params, x, lambda q: q.rsample(key))
 
     def value_and_grad(key, params, x):
         return jax.value_and_grad(loss)(params, key, x)
@@ -254,14 +261,7 @@ def build_hand_numpyro(setup: Setup):
 def build_ppl_ext(setup: Setup, validate_args=None):
     @px.expectation
     def negative_elbo(params, x):
-        encoder, decoder = _networks(setup, params)
-        loc, scale = _encode(setup, encoder, x)
-        q = dist.Normal(loc, scale, validate_args=validate_args).to_event(1)
-        z = px.sample(q)
-        logits = jax.vmap(decoder)(z)
-        log_likelihood = dist.Bernoulli(logits=logits).to_event(1).log_prob(x).sum()
-        log_prior = dist.Normal(0.0, 1.0).log_prob(z).sum()
-        return q.log_prob(z).sum() - log_prior - log_likelihood
+        return _numpyro_negative_elbo(setup, params, x, px.sample, validate_args)
 
     def value_and_grad(key, params, x):
         return negative_elbo.value_and_grad(key, params, x=x)
@@ -407,12 +407,6 @@ class Live:
     state: object
 
 
-def _short(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    first = msg[0] if msg else ""
-    return f"{type(exc).__name__}: {first[:160]}"
-
-
 def _hlo_stats(step, state, x) -> tuple[int, int, bool] | None:
     """(instructions, dot products, any host callback) of the optimised HLO module."""
     try:
@@ -444,7 +438,7 @@ def measure_batch(setup: Setup, built: dict, batch: int, repeats: int, log) -> l
             if not np.isfinite(float(loss)):
                 raise FloatingPointError(f"non-finite loss {float(loss)}")
         except Exception as exc:
-            row.na = f"fails: {_short(exc)}"
+            row.na = f"fails: {short_exception(exc)}"
             log(f"  B={batch} {name}: {row.na}")
             if os.environ.get("BENCH_TRACEBACK"):
                 traceback.print_exc()
@@ -495,7 +489,7 @@ def check(setup: Setup, built: dict, num_keys: int, log) -> list[str]:
             losses[name] = np.array([float(step(init(k), x)[1]) for k in keys])
             grads[name] = np.stack([_flat(value_and_grad(k, setup.params, x)[1]) for k in keys])
         except Exception as exc:
-            out.append(f"- {name}: check fails: {_short(exc)}")
+            out.append(f"- {name}: check fails: {short_exception(exc)}")
             losses.pop(name, None)
     hand = "hand-written"
     for name, values in losses.items():
@@ -543,10 +537,6 @@ def check(setup: Setup, built: dict, num_keys: int, log) -> list[str]:
 # ------------------------------------------------------------------------------- report
 
 
-def _fmt(v, spec):
-    return "n/a" if v is None else format(v, spec)
-
-
 def _paired(row: Row, base: Row | None):
     if not base or not row.samples or len(row.samples) != len(base.samples):
         return None
@@ -554,15 +544,11 @@ def _paired(row: Row, base: Row | None):
 
 
 def table(rows: list[Row]) -> str:
-    head = (
-        "| batch | contender | µs / step (median) | ratio to hand-written | paired ratio IQR "
-        "| HLO ops | dots | callback |\n|---:|---|---:|---:|---:|---:|---:|---|\n"
-    )
     hand = {r.batch: r for r in rows if r.contender == "hand-written"}
     lines = []
     for r in rows:
         if r.na or r.run_us is None:
-            lines.append(f"| {r.batch} | {r.contender} | n/a | | | | | |")
+            lines.append([r.batch, r.contender, "n/a"])
             continue
         h = hand.get(r.batch)
         paired = _paired(r, h)
@@ -570,12 +556,13 @@ def table(rows: list[Row]) -> str:
         iqr = (f"{np.percentile(paired, 25):.3f}–{np.percentile(paired, 75):.3f}"
                if paired is not None else "")
         ops, dots, callback = r.hlo if r.hlo else (None, None, None)
-        lines.append(
-            f"| {r.batch} | {r.contender} | {r.run_us:.1f} | {_fmt(ratio, '.3f')}x | {iqr} "
-            f"| {_fmt(ops, 'd')} | {_fmt(dots, 'd')} "
-            f"| {'' if callback is None else 'yes' if callback else 'no'} |"
-        )
-    return head + "\n".join(lines) + "\n"
+        lines.append([
+            r.batch, r.contender, f"{r.run_us:.1f}", f"{fmt(ratio, '.3f')}x", iqr,
+            fmt(ops, "d"), fmt(dots, "d"), "" if callback is None else "yes" if callback else "no",
+        ])
+    return markdown_table(
+        ["batch", "contender", "µs / step (median)", "ratio to hand-written",
+         "paired ratio IQR", "HLO ops", "dots", "callback"], "rlrrrrrl", lines)
 
 
 def _ratio(by, batch, num, den):
@@ -587,27 +574,22 @@ def _ratio(by, batch, num, den):
     return float(np.median(paired)), float(np.percentile(paired, 25))
 
 
+def _target(by, batch, num, den, target) -> str:
+    """`num / den` at `batch` against `target` (at most), as a verdict clause."""
+    r = _ratio(by, batch, num, den)
+    if not r:
+        return f"{num} / {den} not measured"
+    verdict = "met" if r[0] <= target else "met within noise" if r[1] <= target else "NOT met"
+    return (f"{num} / {den} {r[0]:.3f}x (paired lower quartile {r[1]:.3f}; "
+            f"target <= {target}x: {verdict})")
+
+
 def verdicts(rows: list[Row]) -> str:
     by = {(r.batch, r.contender): r for r in rows}
     out = []
     for batch in sorted({r.batch for r in rows}):
-        parts = []
-        r = _ratio(by, batch, "ppl_ext", "hand-written")
-        if r:
-            verdict = ("met" if r[0] <= RUN_TARGET else
-                       "met within noise" if r[1] <= RUN_TARGET else "NOT met")
-            parts.append(f"ppl_ext / hand-written {r[0]:.3f}x (paired lower quartile "
-                         f"{r[1]:.3f}; target <= {RUN_TARGET}x: {verdict})")
-        else:
-            parts.append("ppl_ext / hand-written not measured")
-        r = _ratio(by, batch, "ppl_ext SVI", "numpyro SVI")
-        if r:
-            verdict = ("met" if r[0] <= NUMPYRO_TARGET else
-                       "met within noise" if r[1] <= NUMPYRO_TARGET else "NOT met")
-            parts.append(f"ppl_ext SVI / numpyro SVI {r[0]:.3f}x (paired lower quartile "
-                         f"{r[1]:.3f}; target <= {NUMPYRO_TARGET}x: {verdict})")
-        else:
-            parts.append("ppl_ext SVI / numpyro SVI not measured")
+        parts = [_target(by, batch, "ppl_ext", "hand-written", RUN_TARGET),
+                 _target(by, batch, "ppl_ext SVI", "numpyro SVI", NUMPYRO_TARGET)]
         extra = []
         for num, den in (("ppl_ext novalidate", "hand-written"),
                          ("ppl_ext novalidate", "hand-written numpyro-densities"),
@@ -618,61 +600,6 @@ def verdicts(rows: list[Row]) -> str:
                 extra.append(f"{num} / {den} {r[0]:.3f}x")
         out.append(f"- B={batch}: " + "; ".join(parts) + ("; for reference: " + ", ".join(extra) if extra else ""))
     return "\n".join(out) + "\n"
-
-
-def _versions() -> str:
-    from importlib.metadata import version
-
-    parts = [f"jax {jax.__version__}"]
-    for mod in ("jaxlib", "numpyro", "equinox", "optax", "genjax"):
-        try:
-            parts.append(f"{mod} {version(mod)}")
-        except Exception:
-            pass
-    return ", ".join(parts)
-
-
-def _git() -> str:
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ppl_ext", "models"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-    return head + (" + uncommitted changes under ppl_ext/ or models/" if dirty else "")
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), "
-            f"jax backend {dev.platform} ({len(jax.devices())} device(s))")
-
-
-def _load() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "?"
-
-
-def append_results(text: str) -> None:
-    if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Benchmark results\n\nAppended by the scripts in this folder (see README.md); "
-            "newest last. Ratios are to the hand-written JAX equivalent in the same run.\n")
-    with RESULTS.open("a") as fh:
-        fh.write("\n" + text)
 
 
 # --------------------------------------------------------------------------------- main
@@ -694,14 +621,10 @@ def main(argv=None) -> int:
     batch_sizes = args.batch_sizes or ([64, 1024] if quick else list(BATCH_SIZES))
     num_keys = 50 if quick else 200
 
-    def log(msg):
-        print(msg, flush=True)
-
-    command = " ".join([Path(sys.executable).as_posix()] + sys.argv if argv is None
-                       else ["benchmarks/bench_vae.py", *argv])
+    command = command_line(argv, "benchmarks/bench_vae.py")
     log(f"# {command}")
-    log(f"# {_versions()}; {_machine()}; load average {_load()}")
-    t_start, load_start = time.perf_counter(), _load()
+    log(f"# {versions(VERSIONS)}; {machine()}; load average {load_average()}")
+    t_start, load_start = time.perf_counter(), load_average()
 
     setup = make_setup()
     if any(b > len(setup.images) or b < 1 for b in batch_sizes):
@@ -715,7 +638,7 @@ def main(argv=None) -> int:
         except Exception as exc:
             reason = ("genjax not importable; pip install genjax==1.0.14"
                       if name == "genjax" and isinstance(exc, ImportError) else "")
-            built[name] = reason or f"fails to build: {_short(exc)}"
+            built[name] = reason or f"fails to build: {short_exception(exc)}"
             log(f"  {name}: {built[name]}")
 
     check_lines = []
@@ -729,13 +652,11 @@ def main(argv=None) -> int:
         rows += measure_batch(setup, built, batch, repeats, log)
 
     elapsed = time.perf_counter() - t_start
-    stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     notes = [f"- {r.contender} at B={r.batch}: n/a, {r.na}" for r in rows if r.na]
     body = (
-        f"## bench_vae.py — {stamp}\n\n"
-        f"- command: `{command}`\n"
-        f"- {_versions()}; ppl_ext at git {_git()}\n"
-        f"- machine: {_machine()}; 1-min load average {load_start} at start, {_load()} at end "
+        results_heading("bench_vae.py", command, versions(VERSIONS), ("ppl_ext", "models"))
+        + f"- machine: {machine()}; 1-min load average {load_start} at start, "
+        f"{load_average()} at end "
         "(other processes share this machine; ratios come from interleaved repeats)\n"
         f"- VAE {digits.NUM_FEATURES}-{vae.HIDDEN}-{setup.latent_dim} (models.vae defaults), "
         f"single-particle ELBO, optax.adam({LEARNING_RATE:g}); repeats={repeats}; total wall "
@@ -755,12 +676,7 @@ def main(argv=None) -> int:
         + ("\nSanity check:\n\n" + "\n".join(check_lines) + "\n" if check_lines else "")
         + ("\nNotes:\n\n" + "\n".join(notes) + "\n" if notes else "")
     )
-    print()
-    print(body)
-    if not args.no_results:
-        append_results(body)
-        log(f"appended to {RESULTS}")
-    return 0
+    return report(body, args.no_results)
 
 
 if __name__ == "__main__":
