@@ -139,42 +139,31 @@ def _function_name(jaxpr) -> str:
     return str(getattr(debug, "func_name", "")).split(" ")[0]
 
 
-def _run(jaxpr: core.Jaxpr, const_facts, in_facts) -> list[frozenset]:
-    env: dict = {}
-    for var, f in zip(jaxpr.constvars, const_facts):
-        env[var] = f
-    for var, f in zip(jaxpr.invars, in_facts):
-        env[var] = f
-
-    def read(atom):
-        if isinstance(atom, core.Literal):
-            return _literal(atom.val)
-        return env.get(atom, NONE)
-
+def _env(jaxpr: core.Jaxpr, const_facts, in_facts) -> dict:
+    """`{var: facts}` for every variable of `jaxpr`, from the facts of its inputs."""
+    env: dict = dict(zip(jaxpr.constvars, const_facts))
+    env.update(zip(jaxpr.invars, in_facts))
     for eqn in jaxpr.eqns:
-        outs = _rule(eqn, [read(a) for a in eqn.invars])
-        for var, f in zip(eqn.outvars, outs):
-            env[var] = f
-    return [read(a) for a in jaxpr.outvars]
+        outs = _rule(eqn, [_read(env, a) for a in eqn.invars])
+        env.update(zip(eqn.outvars, outs))
+    return env
+
+
+def _read(env: dict, atom) -> frozenset:
+    if isinstance(atom, core.Literal):
+        return _literal(atom.val)
+    return env.get(atom, NONE)
+
+
+def _run(jaxpr: core.Jaxpr, const_facts, in_facts) -> list[frozenset]:
+    env = _env(jaxpr, const_facts, in_facts)
+    return [_read(env, a) for a in jaxpr.outvars]
 
 
 @functools.lru_cache(maxsize=1024)
 def facts(jaxpr: core.Jaxpr) -> dict:
     """`{var: facts}` for every variable of `jaxpr` (inputs and constants have none)."""
-    env: dict = {}
-    for var in (*jaxpr.constvars, *jaxpr.invars):
-        env[var] = NONE
-
-    def read(atom):
-        if isinstance(atom, core.Literal):
-            return _literal(atom.val)
-        return env.get(atom, NONE)
-
-    for eqn in jaxpr.eqns:
-        outs = _rule(eqn, [read(a) for a in eqn.invars])
-        for var, f in zip(eqn.outvars, outs):
-            env[var] = f
-    return env
+    return _env(jaxpr, [NONE] * len(jaxpr.constvars), [NONE] * len(jaxpr.invars))
 
 
 def fact_of(jaxpr: core.Jaxpr, atom) -> frozenset:
