@@ -191,6 +191,44 @@ def test_vector_valued_output_per_element_is_enumerated_jointly():
     np.testing.assert_allclose(estimate, 2.0 * jax.nn.sigmoid(theta), rtol=1e-6)
 
 
+MIXING = {  # each combines different elements; none may be evaluated per element
+    "square of the sum": lambda c, t: jnp.sum(c * t) ** 2,
+    "logsumexp over elements": lambda c, t: jax.nn.logsumexp(c * t),
+    "reversed": lambda c, t: jnp.sum(c[::-1] * t),
+    "rolled": lambda c, t: jnp.sum(jnp.roll(c, 1) * t),
+    "sorted": lambda c, t: jnp.sum(jnp.sort(c * t) * jnp.arange(3.0)),
+    "cumsum along the elements": lambda c, t: jnp.sum(jnp.cumsum(c) * t),
+    "matrix product over the elements": lambda c, t: jnp.sum(
+        jnp.tanh(jnp.array([[1.0, -2.0, 0.5], [0.3, 0.2, -1.0]]) @ c)),
+    "permuted by a gather": lambda c, t: jnp.sum(c[jnp.array([2, 0, 1])] * t),
+    "branch on the sum": lambda c, t: jnp.where(jnp.sum(c) > 1.5, jnp.sum(t), 0.0),
+    "partial slice": lambda c, t: jnp.sum(c[1:] * t[:2]) + jnp.sum(c * t),
+    "product of two sums": lambda c, t: jnp.sum(c) * jnp.sum(c * t),
+}
+
+
+@pytest.mark.parametrize("name", list(MIXING))
+def test_programs_that_mix_elements_are_enumerated_jointly(name, factorised_calls):
+    """A wrong per-element split would give a silently biased value and gradient."""
+    body = MIXING[name]
+    theta = jnp.array([0.4, -0.7, 1.2])
+
+    def program(t):
+        c = px.sample(dist.Bernoulli(logits=t), px.enum) * 1.0
+        return body(c, t)
+
+    def exact(t):
+        total = 0.0
+        for cs in itertools.product([0.0, 1.0], repeat=3):
+            cs = jnp.array(cs)
+            total += jnp.exp(jnp.sum(dist.Bernoulli(logits=t).log_prob(cs))) * body(cs, t)
+        return total
+
+    assert_close(value_and_grad(program, theta), jax.value_and_grad(exact)(theta),
+                 rtol=1e-4, atol=1e-5)
+    assert factorised_calls == [False]
+
+
 # ------------------------------------------------------------ with other random choices
 
 def test_later_reparameterised_draw_independent_of_the_site():
