@@ -63,7 +63,7 @@ def run(objective: str = "elbo", steps: int = 5000, batch_size: int = 128,
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401  (checked here for a clear message)
     except ImportError:
         raise SystemExit("ppl-ext demo needs matplotlib: pip install 'ppl_ext[tutorials]'.")
     try:

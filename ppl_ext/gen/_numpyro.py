@@ -48,6 +48,42 @@ class _DrawWithEstimators(numpyro.primitives.Messenger):
         self.drawn[name] = value
 
 
+class _RequireValues(numpyro.primitives.Messenger):
+    """Refuse a latent `numpyro.sample` site that has no value (inside `assess`)."""
+
+    def __init__(self, fn, owner: str):
+        self.owner = owner
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] == "sample" and not msg["is_observed"] and msg["value"] is None:
+            raise ValueError(
+                f"assess of {self.owner} needs a value for every latent site, and site "
+                f"{msg['name']!r} has none in `choices` (in an objective: the guide does not "
+                "sample it, or names it differently). Give its value, or use generate to "
+                "draw the sites without one."
+            )
+
+
+def _function_name(fn) -> str:
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    return repr(name) if name else repr(fn)
+
+
+def _sample_site_names(model_trace) -> set[str]:
+    return {name for name, site in model_trace.items() if site["type"] == "sample"}
+
+
+def check_estimator_names(estimators, sites: set[str], owner: str) -> None:
+    """Refuse per-site estimators for names that are not sample sites (likely a typo)."""
+    unknown = sorted(set(estimators) - sites)
+    if unknown:
+        raise ValueError(
+            f"`estimators` names {unknown}, which {'is' if len(unknown) == 1 else 'are'} not "
+            f"a sample site of {owner}; its sample sites are {sorted(sites)}."
+        )
+
+
 def _log_joint(model_trace) -> Array:
     """Sum of the (scaled, masked) log densities of a trace's sample sites.
 
@@ -93,6 +129,9 @@ class NumPyroModel(AbstractGenerativeFunction):
     # pytrees: an estimator may hold arrays (a traced or learned baseline)
     estimators: Mapping[str, AbstractEstimator] = eqx.field(default_factory=dict)
     default_estimator: AbstractEstimator | None = None
+    #: Refuse `estimators` entries that name no sample site of the function (off where one
+    #: mapping serves a model and its guide: `px.numpyro` losses check the union instead).
+    check_estimators: bool = eqx.field(default=True, static=True)
 
     def _run(self, params, constraints, args, kwargs):
         # One run of the function: the densities come from the trace of the run that drew
@@ -103,6 +142,9 @@ class NumPyroModel(AbstractGenerativeFunction):
                                       self.default_estimator)
         traced = handlers.trace(handler)
         retval = traced(*args, **kwargs)
+        if self.check_estimators and self.estimators:
+            check_estimator_names(self.estimators, _sample_site_names(traced.trace),
+                                  _function_name(self.fn))
         values = {**dict(constraints), **handler.drawn}
         return values, handler.drawn, _log_joint(traced.trace), retval, traced.trace
 
@@ -113,17 +155,10 @@ class NumPyroModel(AbstractGenerativeFunction):
 
     def assess(self, choices, params: Mapping[str, Any] | None, *args, **kwargs) -> Array:
         """Joint log density of `choices` and the observed sites."""
-        log_p, model_trace = log_density(self.fn, args, kwargs, {**dict(params or {}),
-                                                                 **dict(choices)})
-        missing = [
-            name for name, site in model_trace.items()
-            if site["type"] == "sample" and not site["is_observed"] and name not in choices
-        ]
-        if missing:
-            raise ValueError(
-                f"assess needs every latent site; missing {missing}. Use generate to draw "
-                "the others."
-            )
+        fn = _RequireValues(
+            handlers.substitute(self.fn, data={**dict(params or {}), **dict(choices)}),
+            _function_name(self.fn))
+        log_p, _ = log_density(fn, args, kwargs, {})
         return jnp.asarray(log_p)
 
     def generate(self, constraints, params: Mapping[str, Any] | None, *args, **kwargs):

@@ -7,9 +7,13 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from numpyro import handlers
+
 from ..adev import AbstractEstimator, Expectation
 from ..gen import NumPyroModel
+from ..gen._numpyro import _function_name, _sample_site_names, check_estimator_names
 from ..vi import elbo as _elbo, iwelbo as _iwelbo, vimco as _vimco
+from ..vi._constructs import _check_particles
 
 
 class ObjectiveLoss:
@@ -36,11 +40,30 @@ class ObjectiveLoss:
         self.make_objective = make_objective
         self.num_particles = num_particles
         self.estimators = dict(estimators or {})
+        self._checked: set = set()  # (model, guide) pairs whose site names were checked
+
+    def _check_site_names(self, param_map, model, guide, args, kwargs):
+        """Every name in `estimators` is a sample site of the guide or of the model."""
+        if not self.estimators or (model, guide) in self._checked:
+            return
+        sites = set()
+        values = dict(param_map)
+        for fn in (guide, model):  # the model sees the guide's draws, as in an objective
+            seeded = handlers.seed(handlers.substitute(fn, data=values), rng_seed=0)
+            trace = handlers.trace(seeded).get_trace(*args, **kwargs)
+            sites |= _sample_site_names(trace)
+            values.update({n: s["value"] for n, s in trace.items() if s["type"] == "sample"})
+        check_estimator_names(self.estimators, sites,
+                              f"the guide {_function_name(guide)} or the model "
+                              f"{_function_name(model)} (sites of either)")
+        self._checked.add((model, guide))
 
     def loss(self, rng_key, param_map, model, guide, *args, **kwargs):
         """Negative objective estimate (NumPyro's `ELBO.loss` signature)."""
+        self._check_site_names(param_map, model, guide, args, kwargs)
         objective = self.make_objective(
-            NumPyroModel(model, self.estimators), NumPyroModel(guide, self.estimators)
+            NumPyroModel(model, self.estimators, check_estimators=False),
+            NumPyroModel(guide, self.estimators, check_estimators=False),
         )
         if self.num_particles == 1:
             return -objective(rng_key, param_map, *args, **kwargs)
@@ -83,6 +106,7 @@ class IWELBO(ObjectiveLoss):
     """
 
     def __init__(self, num_inner: int = 8, num_particles: int = 1, estimators=None):
+        _check_particles(num_inner)
         super().__init__(lambda m, g: _iwelbo(m, g, num_inner), num_particles, estimators)
 
 
@@ -107,4 +131,8 @@ class VIMCO(ObjectiveLoss):
     """
 
     def __init__(self, num_inner: int = 8, num_particles: int = 1):
+        _check_particles(num_inner)
+        if num_inner < 2:
+            raise ValueError(f"VIMCO needs num_inner >= 2 (leave-one-out baselines), got "
+                             f"{num_inner}.")
         super().__init__(lambda m, g: _vimco(m, g, num_inner), num_particles)

@@ -15,6 +15,8 @@ programmable variational inference".
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -43,6 +45,31 @@ def _check_particles(num_particles):
         raise ValueError(f"num_particles must be a positive int, got {num_particles!r}.")
 
 
+def _check_gen_fn(where: str, name: str, value) -> None:
+    if not isinstance(value, AbstractGenerativeFunction):
+        hint = (" Wrap a NumPyro model or guide function as px.gen.NumPyroModel(fn)."
+                if callable(value) else "")
+        raise TypeError(f"{where}: `{name}` must be a generative function, got "
+                        f"{type(value).__name__}.{hint}")
+
+
+def checks_gen_fns(builder):
+    """Check the arguments of `builder` annotated as generative functions when it is called."""
+    signature = inspect.signature(builder)
+    names = [name for name, parameter in signature.parameters.items()
+             if "AbstractGenerativeFunction" in str(parameter.annotation)]
+
+    @functools.wraps(builder)
+    def checked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for name in names:
+            if name in bound.arguments:
+                _check_gen_fn(builder.__name__, name, bound.arguments[name])
+        return builder(*args, **kwargs)
+
+    return checked
+
+
 class Marginal(AbstractGenerativeFunction):
     """`q(x) = ∫ q(x, u) du` estimated by importance sampling with a proposal `r(u | x)`.
 
@@ -60,6 +87,8 @@ class Marginal(AbstractGenerativeFunction):
 
     def __check_init__(self):
         _check_particles(self.num_particles)
+        _check_gen_fn("marginal", "model", self.model)
+        _check_gen_fn("marginal", "proposal", self.proposal)
 
     def _log_weight(self, kept, params, args, kwargs):
         trace = self.proposal.simulate(params, kept, *args, **kwargs)
@@ -110,6 +139,8 @@ class Normalize(AbstractGenerativeFunction):
 
     def __check_init__(self):
         _check_particles(self.num_particles)
+        _check_gen_fn("normalize", "target", self.target)
+        _check_gen_fn("normalize", "proposal", self.proposal)
 
     def _candidates(self, num, params, args, kwargs):
         def body(carry, _):

@@ -18,9 +18,10 @@ from jax.scipy.special import logsumexp
 
 from ..adev import AbstractEstimator, Expectation, expectation, reinforce
 from ..gen import AbstractGenerativeFunction
-from ._constructs import marginal, normalize
+from ._constructs import _check_particles, checks_gen_fns, marginal, normalize
 
 
+@checks_gen_fns
 def elbo(model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction) -> Expectation:
     """Evidence lower bound `E_q[log p(x, z) - log q(z)]`.
 
@@ -50,6 +51,7 @@ def elbo(model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction) -
     return objective
 
 
+@checks_gen_fns
 def iwelbo(
     model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int
 ) -> Expectation:
@@ -70,11 +72,6 @@ def iwelbo(
     return objective
 
 
-def _check_particles(num_particles):
-    if not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be a positive int, got {num_particles!r}.")
-
-
 def _log_weights(model, guide, num_particles, params, args, kwargs, guide_params=None):
     """`log p(x, z_k) - log q(z_k)` for `num_particles` iid guide draws (a scan)."""
     guide_params = params if guide_params is None else guide_params
@@ -86,6 +83,7 @@ def _log_weights(model, guide, num_particles, params, args, kwargs, guide_params
     return lax.scan(particle, None, length=num_particles)[1]
 
 
+@checks_gen_fns
 def hvi(
     model: AbstractGenerativeFunction,
     variational_joint: AbstractGenerativeFunction,
@@ -101,6 +99,7 @@ def hvi(
     return elbo(model, marginal(variational_joint, keep, reverse, num_particles))
 
 
+@checks_gen_fns
 def diwhvi(
     model: AbstractGenerativeFunction,
     variational_joint: AbstractGenerativeFunction,
@@ -117,6 +116,7 @@ def diwhvi(
     return iwelbo(model, marginal(variational_joint, keep, reverse, num_inner), num_outer)
 
 
+@checks_gen_fns
 def renyi(
     model: AbstractGenerativeFunction,
     guide: AbstractGenerativeFunction,
@@ -144,6 +144,7 @@ def renyi(
     return objective
 
 
+@checks_gen_fns
 def wake_p(
     model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int
 ) -> Expectation:
@@ -165,6 +166,7 @@ def wake_p(
     return objective
 
 
+@checks_gen_fns
 def wake_q(
     model: AbstractGenerativeFunction,
     guide: AbstractGenerativeFunction,
@@ -195,6 +197,7 @@ def wake_q(
 forward_kl = wake_q
 
 
+@checks_gen_fns
 def iwelbo_dreg(
     model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int
 ) -> Expectation:
@@ -235,6 +238,7 @@ def iwelbo_dreg(
     return objective
 
 
+@checks_gen_fns
 def vimco(
     model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int
 ) -> Expectation:
@@ -277,6 +281,7 @@ def vimco(
     return objective
 
 
+@checks_gen_fns
 def symmetric_kl(
     model: AbstractGenerativeFunction,
     guide: AbstractGenerativeFunction,

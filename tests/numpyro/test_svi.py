@@ -120,3 +120,34 @@ def test_vimco_loss_is_unbiased_for_the_iwelbo_gradient_and_trains():
     svi = SVI(coin_model, coin_guide, numpyro.optim.Adam(0.1), loss=loss)
     result = svi.run(jax.random.key(0), 400, 1.5, progress_bar=False)
     assert float(result.params["logit"]) > 1.0
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_estimator_for_an_unknown_site_is_refused():
+    svi = SVI(model, guide, numpyro.optim.Adam(0.1),
+              loss=px.numpyro.ELBO(estimators={"mu": px.reinforce, "sgima": px.reinforce}))
+    with pytest.raises(ValueError, match=r"\['sgima'\].*sites are \['mu', 'obs', 'sigma'\]"):
+        svi.run(jax.random.key(0), 2, DATA, progress_bar=False)
+    # names of the model's sites are accepted (the model is simulated in some objectives)
+    ok = px.numpyro.ELBO(estimators={"mu": px.reinforce, "obs": px.reinforce})
+    params = {"loc": jnp.asarray(0.3), "scale": jnp.asarray(0.5), "s_loc": jnp.asarray(0.1)}
+    assert np.isfinite(float(ok.loss(jax.random.key(0), params, model, guide, DATA)))
+
+
+def test_guide_without_a_latent_site_of_the_model_names_it():
+    def incomplete_guide(data):
+        numpyro.sample("mu", dist.Normal(numpyro.param("loc", 0.3), 1.0))
+
+    svi = SVI(model, incomplete_guide, numpyro.optim.Adam(0.1), loss=px.numpyro.ELBO())
+    with pytest.raises(ValueError, match="site 'sigma' has none in `choices`"):
+        svi.run(jax.random.key(0), 2, DATA, progress_bar=False)
+
+
+def test_gen_fn_estimators_must_name_its_sites():
+    q = px.gen.NumPyroModel(guide, {"sigma": px.reinforce, "nu": px.enum})
+    params = {"loc": 0.3, "scale": 0.5, "s_loc": 0.1}
+    f = px.expectation(lambda p: q.simulate(p, DATA).log_density)
+    with pytest.raises(ValueError, match=r"\['nu'\], which is not a sample site of 'guide'"):
+        f.estimate(jax.random.key(0), params)

@@ -153,3 +153,20 @@ def test_vimco_with_a_discrete_guide_matches_exact_gradient():
     values, grads = many(lambda key: objective.value_and_grad(key, params, 0.5))
     assert_unbiased(values, exact_coin_iwelbo(params, 0.5, 3))
     assert_unbiased(grads[0]["logit"], jax.grad(exact_coin_iwelbo)(params, 0.5, 3)["logit"])
+
+
+@pytest.mark.parametrize("build", [
+    lambda m, q: px.vi.elbo(m, q), lambda m, q: px.vi.iwelbo(m, q, 2),
+    lambda m, q: px.vi.vimco(m, q, 2), lambda m, q: px.vi.renyi(m, q, 0.5, 2),
+    lambda m, q: px.vi.wake_q(m, q, 2), lambda m, q: px.vi.marginal(q, ["z"], m),
+    lambda m, q: px.vi.normalize(m, q, 2)])
+def test_objectives_refuse_plain_functions(build):
+    with pytest.raises(TypeError, match=r"must be a generative function.*px.gen.NumPyroModel"):
+        build(model, Q)
+
+
+def test_numpyro_losses_check_particle_counts():
+    with pytest.raises(ValueError, match="num_inner >= 2"):
+        px.numpyro.VIMCO(num_inner=1)
+    with pytest.raises(ValueError, match="positive int"):
+        px.numpyro.IWELBO(num_inner=0)
