@@ -189,6 +189,7 @@ class Reinforce(AbstractLocalEstimator):
     rao_blackwellise: bool = eqx.field(static=True, default=True)
 
     def check(self, distribution, site):
+        check_fixed_support(distribution, site, "px.reinforce")
         b = self._baseline_value()
         if b is not None and jnp.shape(b) != ():
             raise UnsupportedEstimatorError(
@@ -608,6 +609,7 @@ class LeaveOneOut(AbstractContinuationEstimator):
     num_samples: int = eqx.field(static=True, default=4)
 
     def check(self, distribution, site):
+        check_fixed_support(distribution, site, "px.LeaveOneOut")
         if not isinstance(self.num_samples, int) or self.num_samples < 2:
             raise UnsupportedEstimatorError(
                 f"{site}: LeaveOneOut needs num_samples >= 2, got {self.num_samples!r}."
@@ -635,6 +637,46 @@ reparam = Reparam()
 reinforce = Reinforce()
 enum = Enum()
 mvd = MVD()
+
+
+def _moving_bound(distribution: dist.Distribution) -> str | None:
+    """The traced bound of a continuous support (`'lower_bound'`/`'upper_bound'`), if any.
+
+    A bound that is a traced value is computed from the program's inputs, so it may move
+    with the parameters; constant bounds are Python numbers or concrete arrays.
+    """
+    try:
+        support = distribution.support
+    except Exception:  # a support that cannot be built here is not a moving bound we know
+        return None
+    while hasattr(support, "base_constraint"):  # independent(...)
+        support = support.base_constraint
+    if getattr(support, "is_discrete", False):  # integer bounds are not differentiated
+        return None
+    for attr in ("lower_bound", "upper_bound"):
+        bound = getattr(support, attr, None)
+        if isinstance(bound, jax.core.Tracer) and jnp.issubdtype(bound.dtype, jnp.inexact):
+            return attr
+    return None
+
+
+def check_fixed_support(distribution: dist.Distribution, site: str, estimator: str) -> None:
+    """Refuse a score-function estimator where the support may move with the parameters.
+
+    The score function `f(x) ∇log q(x)` differentiates the density at fixed `x`; when the
+    support's bound depends on the parameters, the gradient also has a boundary term that
+    it misses, so the estimate would be silently biased.
+    """
+    bound = _moving_bound(distribution)
+    if bound is not None:
+        alternative = ("px.reparam (the default for this distribution)"
+                       if reparameterisable(distribution) else "a reparameterisable family")
+        raise UnsupportedEstimatorError(
+            f"{site}: {estimator} is biased when the support moves with the parameters, "
+            f"and the {bound.replace('_', ' ')} of {_name(distribution)}'s support is "
+            f"computed from the program's inputs here. Use {alternative}; or, if the bound "
+            "does not depend on anything differentiated, close over it as a constant."
+        )
 
 
 def default_estimator(distribution: dist.Distribution) -> AbstractEstimator:

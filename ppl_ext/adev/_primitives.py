@@ -28,7 +28,7 @@ from ._errors import (
     UnsupportedEstimatorError,
     UnsupportedPrimitiveError,
 )
-from ._estimators import AbstractEstimator, Reparam, default_estimator
+from ._estimators import AbstractEstimator, Reparam, default_estimator, reparam
 
 _TRACING = contextvars.ContextVar("ppl_ext_tracing_expectation", default=0)
 
@@ -127,7 +127,11 @@ def sample(
       traced parameters raise an error naming the site instead of giving NaN.
     - `estimator`: how this site's gradient is estimated: `px.reparam`, `px.reinforce`,
       `px.Reinforce(baseline=b)`, `px.enum`, `px.mvd` or `px.LeaveOneOut(n)`. The default is
-      `px.reparam` if the distribution has `rsample`, else `px.reinforce`.
+      `px.reparam` if the distribution has `rsample`, else `px.reinforce`. A `Delta` site
+      (as autoguides emit) has no randomness and is always pathwise, whatever is chosen.
+      Score-function estimators refuse a continuous support whose bound is computed from
+      the program's inputs (e.g. `Uniform(0, theta)`): their gradient would miss the
+      boundary term.
     - `name`: optional, used in error messages.
 
     **Returns:** the drawn value, shaped `distribution.shape()`. Its randomness comes from
@@ -152,6 +156,11 @@ def sample(
             f"estimator= must be a ppl_ext estimator (px.reparam, px.reinforce, px.enum, "
             f"px.mvd, px.Reinforce(...), px.LeaveOneOut(n)), got {estimator!r}."
         )
+    if _point_mass(distribution) and not isinstance(estimator, Reparam):
+        # No randomness to estimate: the value is a function of earlier draws and the
+        # parameters, and only the pathwise derivative passes its dependence on them on
+        # (a score function would silently drop it).
+        estimator = reparam
     label = _site_label(name, distribution, estimator)
     if _plates:
         distribution = _apply_plates(distribution, label)
@@ -169,6 +178,16 @@ def sample(
         site_id=_register_site(label),
         label=label,
     )
+
+
+def _point_mass(distribution: dist.Distribution) -> bool:
+    """Whether `distribution` is a `Delta` (possibly expanded, independent or masked)."""
+    while not isinstance(distribution, dist.Delta):
+        distribution = getattr(distribution, "base_dist", None)
+        if not isinstance(distribution, dist.Distribution) or isinstance(
+                distribution, dist.TransformedDistribution):
+            return False
+    return True
 
 
 #: Constraints that only say "finite": a NaN/inf parameter is already NaN upstream.

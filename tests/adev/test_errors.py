@@ -283,3 +283,31 @@ def test_checks_the_program_guarantees_are_not_compiled():
         assert jnp.all(jnp.isfinite(f.grad(key, raw)))
     with pytest.raises(Exception, match="violates its constraint"):
         jax.block_until_ready(px.expectation(unproven).estimate(key, jnp.array([-200.0])))
+
+
+@pytest.mark.parametrize("estimator", [px.reinforce, px.LeaveOneOut(3)])
+@pytest.mark.parametrize("make", [
+    lambda t: dist.Uniform(0.0, t), lambda t: dist.Pareto(t, 2.0),
+    lambda t: dist.TruncatedNormal(0.0, 1.0, low=t).expand((2,)).to_event(1)])
+def test_score_function_on_a_moving_support_is_refused(estimator, make):
+    f = px.expectation(lambda t: jnp.sum(px.sample(make(t), estimator, name="u")))
+    with pytest.raises(px.UnsupportedEstimatorError, match="'u'.*bound of .* support"):
+        f.grad(jax.random.key(0), 2.0)
+
+
+def test_score_function_with_constant_bounds_is_accepted_and_unbiased():
+    # d/dt E[x], x ~ TruncatedNormal(t, 1, low=0): the bound is a constant (k = 4 SE)
+    f = px.expectation(lambda t: px.sample(dist.TruncatedNormal(t, 1.0, low=0.0),
+                                           px.reinforce))
+    n = 20_000
+    grads = jax.vmap(lambda k: f.grad(k, 0.3))(jax.random.split(jax.random.key(0), n))
+    exact = float(jax.grad(lambda t: dist.TruncatedNormal(t, 1.0, low=0.0).mean)(0.3))
+    assert abs(float(grads.mean()) - exact) < 4 * float(grads.std()) / n**0.5
+
+
+@pytest.mark.parametrize("estimator", [px.reinforce, px.LeaveOneOut(3), px.reparam])
+def test_delta_sites_are_pathwise_whatever_the_estimator(estimator):
+    # A point mass has no randomness: d/dt 3 t^2 = 6 t exactly, from one draw
+    f = px.expectation(lambda t: 3.0 * jnp.sum(
+        px.sample(dist.Delta(jnp.full(2, t**2)).to_event(1), estimator)))
+    assert float(f.grad(jax.random.key(0), 1.5)) == pytest.approx(2 * 6 * 1.5, rel=1e-6)

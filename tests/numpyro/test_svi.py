@@ -151,3 +151,17 @@ def test_gen_fn_estimators_must_name_its_sites():
     f = px.expectation(lambda p: q.simulate(p, DATA).log_density)
     with pytest.raises(ValueError, match=r"\['nu'\], which is not a sample site of 'guide'"):
         f.estimate(jax.random.key(0), params)
+
+
+def test_estimator_choice_on_an_autoguide_delta_site_keeps_the_gradient():
+    # AutoDiagonalNormal samples "_auto_latent" and emits Delta sites "mu", "sigma": asking
+    # for the score function at "mu" must not drop the pathwise gradient through it.
+    guide_auto = AutoDiagonalNormal(model)
+    svi = SVI(model, guide_auto, numpyro.optim.Adam(0.1), loss=px.numpyro.ELBO())
+    params = svi.get_params(svi.init(jax.random.key(0), DATA))
+    key = jax.random.key(1)
+    plain = jax.grad(lambda p: px.numpyro.ELBO().loss(key, p, model, guide_auto, DATA))(params)
+    chosen = px.numpyro.ELBO(estimators={"mu": px.reinforce})
+    ours = jax.grad(lambda p: chosen.loss(key, p, model, guide_auto, DATA))(params)
+    for name in params:
+        np.testing.assert_allclose(ours[name], plain[name], rtol=1e-5, atol=1e-6)
