@@ -8,13 +8,51 @@ from typing import Any
 import equinox as eqx
 import jax.numpy as jnp
 import numpyro
+import numpyro.distributions as dist
+from jax.scipy.special import gammaln
+from numpyro.distributions import constraints
 from jaxtyping import Array
 from numpyro import handlers
 from numpyro.infer.util import log_density
 
-from ..adev import AbstractEstimator
+from ..adev import AbstractEstimator, reinforce
 from ..adev._primitives import sample as _sample
 from ._protocol import AbstractGenerativeFunction, Trace
+
+
+class _Subsample(dist.Distribution):
+    """Indices of a plate's minibatch: `subsample_size` of `size`, without replacement.
+
+    Its law does not depend on any parameter, so the site it is drawn at adds nothing to a
+    gradient; numpyro's own sampler draws the indices.
+    """
+
+    arg_constraints: dict = {}
+    pytree_aux_fields = ("size", "subsample_size")
+
+    def __init__(self, size: int, subsample_size: int):
+        self.size, self.subsample_size = int(size), int(subsample_size)
+        super().__init__(batch_shape=(), event_shape=(self.subsample_size,))
+
+    @property
+    def support(self):
+        return constraints.integer_interval(0, self.size - 1)
+
+    def sample(self, key, sample_shape=()):
+        if sample_shape:
+            raise ValueError("subsample indices are drawn one set at a time")
+        return numpyro.primitives._subsample_fn(self.size, self.subsample_size, key)
+
+    def log_prob(self, value):  # uniform over ordered draws without replacement
+        return -(gammaln(self.size + 1.0) - gammaln(self.size - self.subsample_size + 1.0)) \
+            * jnp.ones(jnp.shape(value)[:-1])
+
+
+def _draw_subsample(msg) -> Array:
+    """Draw a subsampling plate's indices as a ppl_ext site named after the plate."""
+    size, subsample_size = msg["args"]
+    return _sample(_Subsample(size, subsample_size), reinforce, name=msg["name"],
+                   _plates=False)
 
 
 class _DrawWithEstimators(numpyro.primitives.Messenger):
@@ -28,6 +66,13 @@ class _DrawWithEstimators(numpyro.primitives.Messenger):
         super().__init__(fn)
 
     def process_message(self, msg):
+        if msg["type"] == "plate" and msg["value"] is None:  # a subsampling plate
+            name = msg["name"]
+            value = self.constraints[name] if name in self.constraints else _draw_subsample(msg)
+            msg["value"] = value
+            if name not in self.constraints:
+                self.drawn[name] = value
+            return
         if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
             return
         name = msg["name"]
@@ -49,13 +94,17 @@ class _DrawWithEstimators(numpyro.primitives.Messenger):
 
 
 class _RequireValues(numpyro.primitives.Messenger):
-    """Refuse a latent `numpyro.sample` site that has no value (inside `assess`)."""
+    """Refuse a latent `numpyro.sample` site that has no value (inside `assess`); draw the
+    indices of a subsampling plate that has none."""
 
     def __init__(self, fn, owner: str):
         self.owner = owner
         super().__init__(fn)
 
     def process_message(self, msg):
+        if msg["type"] == "plate" and msg["value"] is None:
+            msg["value"] = _draw_subsample(msg)
+            return
         if msg["type"] == "sample" and not msg["is_observed"] and msg["value"] is None:
             raise ValueError(
                 f"assess of {self.owner} needs a value for every latent site, and site "
@@ -112,7 +161,11 @@ class NumPyroModel(AbstractGenerativeFunction):
     the per-distribution default for the remaining sites). Observed sites, plates,
     masks, scales and `numpyro.deterministic` keep their NumPyro meaning: densities come
     from `numpyro.infer.util.log_density`. Parameters (`numpyro.param` sites) are passed as
-    a dict, the first argument of every method.
+    a dict, the first argument of every method. A subsampling plate
+    (`subsample_size=m`) draws its indices at a site named after the plate (a law without
+    parameters: no gradient contribution) and records them among the choices, so that a
+    model assessed on a guide's choices scores the same minibatch; `assess` draws the
+    indices of a subsampling plate not in `choices`.
 
     Example:
         >>> import jax, numpyro, numpyro.distributions as dist, ppl_ext as px
