@@ -15,7 +15,7 @@ from jaxtyping import Array
 from numpyro import handlers
 from numpyro.infer.util import log_density
 
-from ..adev import AbstractEstimator, reinforce
+from ..adev import AbstractEstimator, enum, reinforce
 from ..adev._primitives import sample as _sample
 from ._protocol import AbstractGenerativeFunction, Trace
 
@@ -85,9 +85,11 @@ class _DrawWithEstimators(numpyro.primitives.Messenger):
                 f"site {name!r} uses sample_shape; write it with a numpyro.plate or "
                 "`.expand` so that ppl_ext sees one batch-shaped site."
             )
-        estimator = self.estimators.get(
-            name, msg.get("infer", {}).get("estimator", self.default)
-        )
+        infer = msg.get("infer") or {}
+        default = self.default
+        if infer.get("enumerate") == "parallel" and default is None:
+            default = enum  # numpyro's config_enumerate on a guide site: sum over it
+        estimator = self.estimators.get(name, infer.get("estimator", default))
         value = _sample(msg["fn"], estimator, name=name, _plates=False)
         msg["value"] = value
         self.drawn[name] = value
@@ -106,6 +108,14 @@ class _RequireValues(numpyro.primitives.Messenger):
             msg["value"] = _draw_subsample(msg)
             return
         if msg["type"] == "sample" and not msg["is_observed"] and msg["value"] is None:
+            if (msg.get("infer") or {}).get("enumerate"):
+                raise ValueError(
+                    f"assess of {self.owner}: site {msg['name']!r} is marked for enumeration "
+                    "in the model (numpyro's TraceEnum_ELBO sums it out there), and ppl_ext "
+                    "does not marginalise model sites. Sample it in the guide (px.enum sums "
+                    "over it exactly), or sum it out in the model with a logsumexp and "
+                    "numpyro.factor."
+                )
             raise ValueError(
                 f"assess of {self.owner} needs a value for every latent site, and site "
                 f"{msg['name']!r} has none in `choices` (in an objective: the guide does not "
@@ -158,7 +168,9 @@ class NumPyroModel(AbstractGenerativeFunction):
     `numpyro.sample` latent sites become `px.sample` sites (default estimator per
     distribution; choose per site with `infer={"estimator": px.enum}` in the model, or with
     the `estimators` mapping from site names to estimators; `default_estimator` replaces
-    the per-distribution default for the remaining sites). Observed sites, plates,
+    the per-distribution default for the remaining sites; a guide site that numpyro's
+    `config_enumerate` marks `infer={"enumerate": "parallel"}` defaults to `px.enum`, the
+    exact sum TraceEnum_ELBO does with guide-side enumeration). Observed sites, plates,
     masks, scales and `numpyro.deterministic` keep their NumPyro meaning: densities come
     from `numpyro.infer.util.log_density`. Parameters (`numpyro.param` sites) are passed as
     a dict, the first argument of every method. A subsampling plate

@@ -239,3 +239,30 @@ def test_subsampling_in_svi_run_trains():
     # mean-field VI recovers its mean; 0.15 is half a posterior standard deviation
     exact = float(jnp.sum(SUB_DATA) / (20 + 2))
     assert abs(float(result.params["m"]) - exact) < 0.15
+
+
+# ------------------------------------------------------------------------- enumeration
+
+
+def test_config_enumerate_on_a_guide_site_means_px_enum():
+    from numpyro.contrib.funsor import config_enumerate
+
+    params = {"logit": jnp.asarray(0.4)}
+    objective = px.vi.elbo(px.gen.NumPyroModel(coin_model),
+                           px.gen.NumPyroModel(config_enumerate(coin_guide)))
+    values = many(lambda k: objective.estimate(k, params, 0.5), num=8)
+    exact = px.vi.elbo(px.gen.NumPyroModel(coin_model),
+                       px.gen.NumPyroModel(coin_guide, {"c": px.enum}))
+    # enumeration is exact: the same value whatever the key
+    np.testing.assert_allclose(values, float(exact.estimate(jax.random.key(0), params, 0.5)),
+                               rtol=1e-6)
+
+
+def test_model_side_enumeration_is_refused_with_a_way_out():
+    def model_enum(x):
+        c = numpyro.sample("c", dist.Bernoulli(0.3), infer={"enumerate": "parallel"})
+        numpyro.sample("x", dist.Normal(2.0 * c, 1.0), obs=x)
+
+    svi = SVI(model_enum, lambda x: None, numpyro.optim.Adam(0.1), loss=px.numpyro.ELBO())
+    with pytest.raises(ValueError, match="'c' is marked for enumeration in the model.*px.enum"):
+        svi.run(jax.random.key(0), 2, 1.0, progress_bar=False)
