@@ -66,6 +66,14 @@ class _DrawWithEstimators(numpyro.primitives.Messenger):
         super().__init__(fn)
 
     def process_message(self, msg):
+        if msg["type"] == "control_flow":
+            # numpyro's scan/cond run their bodies under these handlers: given values
+            # (sliced per step by numpyro), then fresh px.sample draws
+            stack = msg["kwargs"]["substitute_stack"]
+            if self.constraints:
+                stack.append(("substitute", dict(self.constraints)))
+            stack.append(("substitute", self._draw_in_body))
+            return
         if msg["type"] == "plate" and msg["value"] is None:  # a subsampling plate
             name = msg["name"]
             value = self.constraints[name] if name in self.constraints else _draw_subsample(msg)
@@ -80,6 +88,18 @@ class _DrawWithEstimators(numpyro.primitives.Messenger):
             msg["value"] = self.constraints[name]
             msg["is_observed"] = False
             return
+        msg["value"] = self.draw(msg)
+        self.drawn[name] = msg["value"]
+
+    def _draw_in_body(self, msg):
+        """substitute_fn for a control-flow body: a draw for a latent site without value."""
+        if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
+            return None
+        return self.draw(msg)
+
+    def draw(self, msg) -> Array:
+        """A `px.sample` site for the latent `numpyro.sample` message `msg`."""
+        name = msg["name"]
         if msg["kwargs"].get("sample_shape"):
             raise ValueError(
                 f"site {name!r} uses sample_shape; write it with a numpyro.plate or "
@@ -90,9 +110,7 @@ class _DrawWithEstimators(numpyro.primitives.Messenger):
         if infer.get("enumerate") == "parallel" and default is None:
             default = enum  # numpyro's config_enumerate on a guide site: sum over it
         estimator = self.estimators.get(name, infer.get("estimator", default))
-        value = _sample(msg["fn"], estimator, name=name, _plates=False)
-        msg["value"] = value
-        self.drawn[name] = value
+        return _sample(msg["fn"], estimator, name=name, _plates=False)
 
 
 class _RequireValues(numpyro.primitives.Messenger):
@@ -104,9 +122,19 @@ class _RequireValues(numpyro.primitives.Messenger):
         super().__init__(fn)
 
     def process_message(self, msg):
+        if msg["type"] == "control_flow":
+            msg["kwargs"]["substitute_stack"].append(("substitute", self._check_in_body))
+            return
         if msg["type"] == "plate" and msg["value"] is None:
             msg["value"] = _draw_subsample(msg)
             return
+        self._check(msg)
+
+    def _check_in_body(self, msg):
+        self._check(msg)
+        return None
+
+    def _check(self, msg):
         if msg["type"] == "sample" and not msg["is_observed"] and msg["value"] is None:
             if (msg.get("infer") or {}).get("enumerate"):
                 raise ValueError(
@@ -210,8 +238,13 @@ class NumPyroModel(AbstractGenerativeFunction):
         if self.check_estimators and self.estimators:
             check_estimator_names(self.estimators, _sample_site_names(traced.trace),
                                   _function_name(self.fn))
-        values = {**dict(constraints), **handler.drawn}
-        return values, handler.drawn, _log_joint(traced.trace), retval, traced.trace
+        # drawn here or inside a numpyro scan/cond body (recorded there stacked per step)
+        drawn = {**handler.drawn, **{
+            name: site["value"] for name, site in traced.trace.items()
+            if site["type"] == "sample" and not site["is_observed"] and name not in constraints
+        }}
+        values = {**dict(constraints), **drawn}
+        return values, drawn, _log_joint(traced.trace), retval, traced.trace
 
     def simulate(self, params: Mapping[str, Any] | None, *args, **kwargs) -> Trace:
         """Draw every latent site; `log_density` is the joint log density of the run."""
