@@ -48,6 +48,16 @@ class _Subsample(dist.Distribution):
             * jnp.ones(jnp.shape(value)[:-1])
 
 
+def _refuse_mutable(msg) -> None:
+    if msg["type"] == "mutable":
+        raise NotImplementedError(
+            f"site {msg['name']!r} is numpyro.mutable state (e.g. batch-norm statistics), "
+            "which ppl_ext's generative functions and SVI losses do not carry from step to "
+            "step. Keep such state outside the model, or train this model with numpyro's "
+            "Trace_ELBO."
+        )
+
+
 def _draw_subsample(msg) -> Array:
     """Draw a subsampling plate's indices as a ppl_ext site named after the plate."""
     size, subsample_size = msg["args"]
@@ -66,6 +76,7 @@ class _DrawWithEstimators(numpyro.primitives.Messenger):
         super().__init__(fn)
 
     def process_message(self, msg):
+        _refuse_mutable(msg)
         if msg["type"] == "control_flow":
             # numpyro's scan/cond run their bodies under these handlers: given values
             # (sliced per step by numpyro), then fresh px.sample draws
@@ -122,6 +133,7 @@ class _RequireValues(numpyro.primitives.Messenger):
         super().__init__(fn)
 
     def process_message(self, msg):
+        _refuse_mutable(msg)
         if msg["type"] == "control_flow":
             msg["kwargs"]["substitute_stack"].append(("substitute", self._check_in_body))
             return

@@ -333,3 +333,16 @@ def test_guide_missing_a_scanned_model_site_names_it():
 
 def global_guide_s(ys):
     numpyro.sample("s", dist.LogNormal(numpyro.param("a", 0.1), 0.3))
+
+
+def test_mutable_state_is_refused_clearly():
+    from numpyro.primitives import mutable
+
+    def counting_model(x):
+        count = mutable("count", {"n": jnp.zeros(())})
+        count["n"] = count["n"] + 1
+        model(x)
+
+    svi = SVI(counting_model, guide, numpyro.optim.Adam(0.1), loss=px.numpyro.ELBO())
+    with pytest.raises(NotImplementedError, match="'count' is numpyro.mutable state"):
+        svi.run(jax.random.key(0), 2, DATA, progress_bar=False)
