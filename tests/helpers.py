@@ -14,6 +14,13 @@ def mean_and_se(samples) -> tuple[np.ndarray, np.ndarray]:
     return samples.mean(0), samples.std(0, ddof=1) / np.sqrt(samples.shape[0])
 
 
+def assert_same_mean(a, b, k: float = K_SE, atol: float = 1e-6, what: str = ""):
+    """Two independent samples (leading axis) have means within `k` combined standard errors."""
+    (m1, s1), (m2, s2) = mean_and_se(a), mean_and_se(b)
+    bad = np.abs(m1 - m2) > k * np.hypot(s1, s2) + atol
+    assert not np.any(bad), f"{what}: means {m1} vs {m2}, {k} SE = {k * np.hypot(s1, s2)}"
+
+
 def assert_unbiased(samples, exact, k: float = K_SE, atol: float = 1e-5, what: str = ""):
     """Assert the mean of `samples` (leading axis) is within `k` standard errors of `exact`."""
     mean, se = mean_and_se(samples)
