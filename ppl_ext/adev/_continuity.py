@@ -15,7 +15,9 @@ violation: `UnsupportedEstimatorError` naming the site, the primitive and the wa
 so is code in numpyro's distributions package (its case splits are support checks:
 `log_prob` is `-inf` outside the support, which a reparameterised draw from inside the
 support never crosses) and in `jax.scipy` / `jax.nn` (numerical safeguards such as the max
-shift in `logsumexp`).
+shift in `logsumexp`). The trust covers the case splits that such code makes itself: a
+step made by the user's code (an `argmax`, a comparison) stays a step when it passes
+through library code (`jax.nn.one_hot`, a `log_prob`), so its discontinuity is caught.
 Loops are analysed to a fixed point over their carries. The check is conservative:
 `jnp.where(x > 0, x, 0.0)` is continuous but flagged; such a site can opt out with
 `px.Reparam(allow_discontinuous=True)`.
@@ -45,7 +47,11 @@ class _Path(tuple):
 
 
 class _Step(tuple):
-    """(site label, primitive name, source)"""
+    """(site label, primitive name, source[, born in trusted library code])"""
+
+    @property
+    def trusted(self) -> bool:
+        return len(self) > 3 and bool(self[3])
 
 
 def _is_float(var) -> bool:
@@ -154,7 +160,8 @@ def _generic(eqn, ins) -> list[Any]:
             source = step or path
             outs.append(None if source is None else
                         _Step((source[0], step[1] if step else eqn.primitive.name,
-                               step[2] if step else _where(eqn))))
+                               step[2] if step else _where(eqn),
+                               step.trusted if step else False)))
     return outs
 
 
@@ -182,15 +189,26 @@ def _fixpoint(body_fn, carry, num_rounds):
     return carry
 
 
+def _untrusted_step(ins) -> bool:
+    return any(isinstance(t, _Step) and not t.trusted for t in ins)
+
+
 def _rule(eqn, ins) -> list[Any]:
+    # Trusted library code may split cases on a path value (a step born inside it); a step
+    # made by the user's code (e.g. an argmax) stays a step when it passes through library
+    # code (e.g. jax.nn.one_hot), so its discontinuity is still caught.
     try:
-        return _rule_checked(eqn, ins)
+        outs = _rule_checked(eqn, ins)
     except UnsupportedEstimatorError:
-        if not _trusted_code(eqn):
+        if _untrusted_step(ins) or not _trusted_code(eqn):
             raise
         path = _first(ins, _Path) or _first(ins, _Step)
         return [None if path is None or not _is_float(v) else _Path((path[0],))
                 for v in eqn.outvars]
+    if (not _untrusted_step(ins) and any(isinstance(o, _Step) and not o.trusted for o in outs)
+            and _trusted_code(eqn)):
+        outs = [_Step((*o[:3], True)) if isinstance(o, _Step) else o for o in outs]
+    return outs
 
 
 def _rule_checked(eqn, ins) -> list[Any]:

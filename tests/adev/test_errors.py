@@ -163,8 +163,12 @@ def normal(t):
         (lambda t: lax.scan(lambda c, _: (c + normal(t), jnp.sign(c)), 0.0,
                             length=3)[1].sum(), "'sign'"),
         (lambda t: px.sample(dist.Normal(jnp.round(normal(t)), 1.0), px.reinforce), "'round'"),
+        # a step made in user code stays a step inside trusted library code
+        (lambda t: jax.nn.one_hot(jnp.argmax(jnp.stack([normal(t), 0.3])), 2)[0], "'argmax'"),
+        (lambda t: dist.Bernoulli(0.3).log_prob((normal(t) > 0).astype(jnp.int32)), "'gt'"),
     ],
-    ids=["indicator", "where", "floor", "index", "cond", "scan_carry", "parameter"],
+    ids=["indicator", "where", "floor", "index", "cond", "scan_carry", "parameter",
+         "one_hot_of_argmax", "log_prob_of_indicator"],
 )
 def test_reparam_into_discontinuity_is_refused(program, primitive):
     """E[1{x > 0}] has gradient pdf(theta), but the pathwise estimator gives 0."""
