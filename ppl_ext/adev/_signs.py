@@ -94,8 +94,10 @@ def _rule(eqn, ins: list[frozenset]) -> list[frozenset]:
         return [NONNEG]
     if name == "logistic":
         return [UNIT]
-    if name in ("abs", "square"):
+    if name == "abs":
         return [NONNEG | (ins[0] & POS)]
+    if name == "square":  # a tiny positive value squares to 0
+        return [NONNEG]
     if name == "integer_pow":
         if eqn.params["y"] % 2 == 0:
             return [NONNEG]
