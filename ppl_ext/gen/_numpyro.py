@@ -148,20 +148,55 @@ class _RequireValues(numpyro.primitives.Messenger):
 
     def _check(self, msg):
         if msg["type"] == "sample" and not msg["is_observed"] and msg["value"] is None:
-            if (msg.get("infer") or {}).get("enumerate"):
-                raise ValueError(
-                    f"assess of {self.owner}: site {msg['name']!r} is marked for enumeration "
-                    "in the model (numpyro's TraceEnum_ELBO sums it out there), and ppl_ext "
-                    "does not marginalise model sites. Sample it in the guide (px.enum sums "
-                    "over it exactly), or sum it out in the model with a logsumexp and "
-                    "numpyro.factor."
-                )
+            if (msg.get("infer") or {}).get("enumerate") == "parallel":
+                raise _Enumerated(msg["name"])
             raise ValueError(
                 f"assess of {self.owner} needs a value for every latent site, and site "
                 f"{msg['name']!r} has none in `choices` (in an objective: the guide does not "
                 "sample it, or names it differently). Give its value, or use generate to "
                 "draw the sites without one."
             )
+
+
+class _Enumerated(Exception):
+    """A model site marked for enumeration has no value: marginalise it (`assess`)."""
+
+
+class _KeepGivenValues(numpyro.primitives.Messenger):
+    """Unmark enumeration at sites that already have a value (from `choices`)."""
+
+    def process_message(self, msg):
+        infer = msg.get("infer") or {}
+        if msg["type"] == "sample" and msg["value"] is not None and infer.get("enumerate"):
+            msg["infer"] = {**infer, "enumerate": None}
+
+
+def _marginal_log_density(fn, data, args, kwargs, owner: str) -> Array:
+    """`log p(data)` with the model's enumerated sites without values summed out (funsor,
+    as numpyro's TraceEnum_ELBO does)."""
+    try:
+        from numpyro.contrib.funsor import enum, log_density as enum_log_density
+    except ImportError as exc:  # funsor is a dependency; this guards a broken install
+        raise ImportError(
+            f"assess of {owner} sums out the model's enumerated sites with funsor: "
+            "pip install funsor"
+        ) from exc
+    substituted = handlers.substitute(fn, data=data)
+
+    def log_probs(*a, **k):  # the log-density shapes give the plate nesting
+        seeded = handlers.seed(substituted, rng_seed=0)
+        trace = handlers.trace(seeded).get_trace(*a, **k)
+        return [site["fn"].log_prob(site["value"]) for site in trace.values()
+                if site["type"] == "sample"]
+
+    import jax
+
+    nesting = max([len(s.shape) for s in jax.eval_shape(log_probs, *args, **kwargs)],
+                  default=0)
+    model = _RequireValues(enum(_KeepGivenValues(substituted),
+                                first_available_dim=-nesting - 1), owner)
+    log_p, _ = enum_log_density(model, args, kwargs, {})
+    return jnp.asarray(log_p)
 
 
 def _function_name(fn) -> str:
@@ -264,11 +299,19 @@ class NumPyroModel(AbstractGenerativeFunction):
         return Trace(values, log_p, retval)
 
     def assess(self, choices, params: Mapping[str, Any] | None, *args, **kwargs) -> Array:
-        """Joint log density of `choices` and the observed sites."""
-        fn = _RequireValues(
-            handlers.substitute(self.fn, data={**dict(params or {}), **dict(choices)}),
-            _function_name(self.fn))
-        log_p, _ = log_density(fn, args, kwargs, {})
+        """Joint log density of `choices` and the observed sites.
+
+        Model sites marked `infer={"enumerate": "parallel"}` (numpyro's `config_enumerate`)
+        that are not in `choices` are summed out exactly, with funsor, as numpyro's
+        TraceEnum_ELBO does: the result is the log density with them marginalised.
+        """
+        data = {**dict(params or {}), **dict(choices)}
+        owner = _function_name(self.fn)
+        try:
+            fn = _RequireValues(handlers.substitute(self.fn, data=data), owner)
+            log_p, _ = log_density(fn, args, kwargs, {})
+        except _Enumerated:
+            return _marginal_log_density(self.fn, data, args, kwargs, owner)
         return jnp.asarray(log_p)
 
     def generate(self, constraints, params: Mapping[str, Any] | None, *args, **kwargs):
