@@ -143,7 +143,13 @@ class _RequireValues(numpyro.primitives.Messenger):
         self._check(msg)
 
     def _check_in_body(self, msg):
-        self._check(msg)
+        if msg["type"] == "sample" and not msg["is_observed"] and msg["value"] is None:
+            raise ValueError(
+                f"assess of {self.owner}: site {msg['name']!r}, inside a numpyro scan/cond "
+                "body, has no value in `choices`. ppl_ext sums out enumerated model sites "
+                "outside control flow only (not the Markov chains of an HMM: use numpyro's "
+                "TraceEnum_ELBO there), so give the site a value from the guide."
+            )
         return None
 
     def _check(self, msg):

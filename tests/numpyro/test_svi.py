@@ -362,7 +362,8 @@ def test_sites_inside_numpyro_scan_in_guide_and_model():
 
 def test_guide_missing_a_scanned_model_site_names_it():
     svi = SVI(walk_model, global_guide_s, numpyro.optim.Adam(0.1), loss=px.numpyro.ELBO())
-    with pytest.raises(ValueError, match="site 'z' has none in `choices`"):
+    with pytest.raises(ValueError,
+                       match="site 'z', inside a numpyro scan/cond body, has no value"):
         svi.run(jax.random.key(0), 2, SERIES, progress_bar=False)
 
 
