@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
@@ -91,6 +92,11 @@ class _DrawWithEstimators(numpyro.primitives.Messenger):
             msg["value"] = value
             if name not in self.constraints:
                 self.drawn[name] = value
+            return
+        if (msg["type"] == "sample" and msg.get("_control_flow_done") and not msg["is_observed"]
+                and msg["name"] not in self.constraints):
+            # drawn in a scan/cond body by `_draw_in_body`; numpyro re-emits it stacked
+            self.drawn[msg["name"]] = msg["value"]
             return
         if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
             return
@@ -195,8 +201,6 @@ def _marginal_log_density(fn, data, args, kwargs, owner: str) -> Array:
         return [site["fn"].log_prob(site["value"]) for site in trace.values()
                 if site["type"] == "sample"]
 
-    import jax
-
     nesting = max([len(s.shape) for s in jax.eval_shape(log_probs, *args, **kwargs)],
                   default=0)
     model = _RequireValues(enum(_KeepGivenValues(substituted),
@@ -291,13 +295,8 @@ class NumPyroModel(AbstractGenerativeFunction):
         if self.check_estimators and self.estimators:
             check_estimator_names(self.estimators, _sample_site_names(traced.trace),
                                   _function_name(self.fn))
-        # drawn here or inside a numpyro scan/cond body (recorded there stacked per step)
-        drawn = {**handler.drawn, **{
-            name: site["value"] for name, site in traced.trace.items()
-            if site["type"] == "sample" and not site["is_observed"] and name not in constraints
-        }}
-        values = {**dict(constraints), **drawn}
-        return values, drawn, _log_joint(traced.trace), retval, traced.trace
+        values = {**dict(constraints), **handler.drawn}
+        return values, handler.drawn, _log_joint(traced.trace), retval, traced.trace
 
     def simulate(self, params: Mapping[str, Any] | None, *args, **kwargs) -> Trace:
         """Draw every latent site; `log_density` is the joint log density of the run."""
