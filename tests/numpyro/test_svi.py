@@ -171,6 +171,21 @@ def test_estimator_choice_on_an_autoguide_delta_site_keeps_the_gradient():
 
 # --------------------------------------------------------------------------- subsampling
 
+
+def loss_and_grad_draws(loss, params, model_fn, guide_fn, *args):
+    """Independent (value, gradient) draws of `loss` (an SVI loss) at `params`."""
+    return many(lambda k: jax.value_and_grad(
+        lambda p: loss.loss(k, p, model_fn, guide_fn, *args))(params))
+
+
+def assert_matches(ours, reference, trace_elbo_values, what):
+    """Loss and gradient draws agree in mean with `reference`'s, the loss with Trace_ELBO's."""
+    (v, g), (v_ref, g_ref) = ours, reference
+    assert_same_mean(v, v_ref, what=f"{what}: loss")
+    assert_same_mean(v, trace_elbo_values, what=f"{what}: loss vs Trace_ELBO")
+    for name in g:
+        assert_same_mean(g[name], g_ref[name], what=f"{what}: gradient {name}")
+
 SUB_DATA = jnp.asarray(np.random.default_rng(3).normal(1.0, 1.5, 20))
 
 
@@ -209,24 +224,13 @@ def test_subsampling_plates_give_unbiased_minibatch_elbos(model_fn, guide_fn, pa
     loss = px.numpyro.ELBO()
     # the minibatch size is a Python constant (a traced one cannot size the plate)
     model_5, guide_5 = (functools.partial(f, subsample_size=5) for f in (model_fn, guide_fn))
-
-    def minibatch(k):
-        return jax.value_and_grad(lambda p: loss.loss(k, p, model_5, guide_5, SUB_DATA))(
-            params)
-
-    def full(k):
-        return jax.value_and_grad(lambda p: loss.loss(k, p, model_fn, guide_fn, SUB_DATA))(
-            params)
-
-    (v_sub, g_sub), (v_full, g_full) = many(minibatch), many(full)
+    minibatch = loss_and_grad_draws(loss, params, model_5, guide_5, SUB_DATA)
+    full = loss_and_grad_draws(loss, params, model_fn, guide_fn, SUB_DATA)
     theirs = many(lambda k: Trace_ELBO().loss(k, params, model_5, guide_5, SUB_DATA))
-    assert_same_mean(v_sub, v_full, what="minibatch vs full-data ELBO")
-    assert_same_mean(v_sub, theirs, what="ppl_ext vs Trace_ELBO")
-    for name in params:
-        assert_same_mean(g_sub[name], g_full[name], what=name)
+    assert_matches(minibatch, full, theirs, "minibatch vs full data")
     # one draw really is a minibatch: a guide-local gradient is zero off the indices
     if "a" in params:
-        assert np.all(np.sum(np.asarray(g_sub["a"]) != 0, axis=1) == 5)
+        assert np.all(np.sum(np.asarray(minibatch[1]["a"]) != 0, axis=1) == 5)
 
 
 def test_subsampling_in_svi_run_trains():
@@ -347,17 +351,10 @@ def test_sites_inside_numpyro_scan_in_guide_and_model():
     Trace_ELBO; the model's scanned sites are scored from the guide's stacked draws."""
     params = {"a": jnp.asarray(0.1), "locs": jnp.linspace(-1.0, 1.0, 6)}
     loss = px.numpyro.ELBO()
-
-    def estimates(guide_fn):
-        return many(lambda k: jax.value_and_grad(
-            lambda p: loss.loss(k, p, walk_model, guide_fn, SERIES))(params))
-
-    (v_scan, g_scan), (v_vec, g_vec) = estimates(scan_guide), estimates(vector_guide)
+    scanned = loss_and_grad_draws(loss, params, walk_model, scan_guide, SERIES)
+    vectorised = loss_and_grad_draws(loss, params, walk_model, vector_guide, SERIES)
     theirs = many(lambda k: Trace_ELBO().loss(k, params, walk_model, scan_guide, SERIES))
-    assert_same_mean(v_scan, v_vec, what="scan vs vectorised guide")
-    assert_same_mean(v_scan, theirs, what="ppl_ext vs Trace_ELBO")
-    for name in params:
-        assert_same_mean(g_scan[name], g_vec[name], what=name)
+    assert_matches(scanned, vectorised, theirs, "scan vs vectorised guide")
 
 
 def test_guide_missing_a_scanned_model_site_names_it():
