@@ -180,14 +180,14 @@ def sample(
     )
 
 
-def _point_mass(distribution: dist.Distribution) -> bool:
-    """Whether `distribution` is a `Delta` (possibly expanded, independent or masked)."""
-    while not isinstance(distribution, dist.Delta):
+def _point_mass(distribution) -> bool:
+    """Whether `distribution` is a `Delta`, possibly wrapped (expanded, independent, masked,
+    transformed: a function of a point mass is one)."""
+    while isinstance(distribution, dist.Distribution):
+        if isinstance(distribution, dist.Delta):
+            return True
         distribution = getattr(distribution, "base_dist", None)
-        if not isinstance(distribution, dist.Distribution) or isinstance(
-                distribution, dist.TransformedDistribution):
-            return False
-    return True
+    return False
 
 
 #: Constraints that only say "finite": a NaN/inf parameter is already NaN upstream.

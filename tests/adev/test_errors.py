@@ -315,3 +315,11 @@ def test_delta_sites_are_pathwise_whatever_the_estimator(estimator):
     f = px.expectation(lambda t: 3.0 * jnp.sum(
         px.sample(dist.Delta(jnp.full(2, t**2)).to_event(1), estimator)))
     assert float(f.grad(jax.random.key(0), 1.5)) == pytest.approx(2 * 6 * 1.5, rel=1e-6)
+
+
+def test_transformed_delta_is_pathwise():
+    from numpyro.distributions.transforms import ExpTransform
+
+    f = px.expectation(lambda t: px.sample(
+        dist.TransformedDistribution(dist.Delta(t), ExpTransform()), px.reinforce))
+    assert float(f.grad(jax.random.key(0), 0.4)) == pytest.approx(float(jnp.exp(0.4)), rel=1e-6)
