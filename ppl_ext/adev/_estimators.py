@@ -16,7 +16,6 @@ With `sg` = `jax.lax.stop_gradient`, a score-function site contributes
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 import math
 from collections.abc import Callable
@@ -33,10 +32,6 @@ from ._errors import UnsupportedEstimatorError
 from ._separable import L as _LOCAL, P as _PLAIN, S as _SEPARABLE, separate
 
 sg = jax.lax.stop_gradient
-
-#: The label of the site whose continuation estimator is running (for error messages).
-CURRENT_SITE: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "ppl_ext_current_site", default="an enumerated site")
 
 #: Largest joint support that `Enum` enumerates for a batch-shaped site.
 MAX_ENUMERATION_SIZE = 4096
@@ -76,7 +71,9 @@ class AbstractLocalEstimator(AbstractEstimator):
         """Draw the site's value; in surrogate mode also return the `A` and `B` terms."""
         raise NotImplementedError
 
-    def run_plate(self, key, distribution, k, dtype) -> tuple[list, Array] | None:
+    def run_plate(
+        self, key, distribution, k, dtype, site: str
+    ) -> tuple[list, Array] | None:
         """Optional: a lower-variance surrogate using the continuation `k`, or None.
 
         Called in surrogate mode where the rest of the program is available (not inside
@@ -98,12 +95,14 @@ class AbstractContinuationEstimator(AbstractEstimator):
         k: Continuation,
         surrogate: bool,
         dtype: Any,
+        site: str,
     ) -> tuple[list[Array], Array]:
         """Return the estimate of `E[k(x)]` (a surrogate in surrogate mode).
 
         `k` maps a value of the site to `(outputs, invalid)`: the list of the program's
         final outputs and the id of the first later site with invalid parameters (-1 if
-        none); it is vmappable over a leading axis of values. Return the combined outputs
+        none); it is vmappable over a leading axis of values. `site` is the site's label,
+        for error messages. Return the combined outputs
         and the first invalid id over all evaluations (`first_invalid`).
         """
         raise NotImplementedError
@@ -209,7 +208,7 @@ class Reinforce(AbstractLocalEstimator):
         b = self._baseline_value()
         return x, score, (None if b is None else sg(jnp.asarray(b)) * score)
 
-    def run_plate(self, key, distribution, k, dtype):
+    def run_plate(self, key, distribution, k, dtype, site):
         """Per-element scores: `Σ_i (log q_i - sg) · sg(g_i(x_i))` when `k` is a plate sum."""
         if not self.rao_blackwellise or self.baseline is not None:
             return None
@@ -389,8 +388,7 @@ class Enum(AbstractContinuationEstimator):
         else:
             _support_values(distribution, site, jnp.int32)
 
-    def run(self, key, distribution, k, surrogate, dtype):
-        site = CURRENT_SITE.get()
+    def run(self, key, distribution, k, surrogate, dtype, site):
         reason = None
         if _factorisable(distribution):
             result, reason = _enum_factorised(distribution, k, dtype, site)
@@ -497,7 +495,7 @@ class MVD(AbstractContinuationEstimator):
                 "px.reparam or px.enum."
             )
 
-    def run(self, key, distribution, k, surrogate, dtype):
+    def run(self, key, distribution, k, surrogate, dtype, site):
         key_x, key_mvd = jax.random.split(key)
         x = sg(distribution.sample(key_x)).astype(dtype)
         outs, invalid = k(x)
@@ -615,7 +613,7 @@ class LeaveOneOut(AbstractContinuationEstimator):
                 f"{site}: LeaveOneOut needs num_samples >= 2, got {self.num_samples!r}."
             )
 
-    def run(self, key, distribution, k, surrogate, dtype):
+    def run(self, key, distribution, k, surrogate, dtype, site):
         n = self.num_samples
         xs = sg(distribution.sample(key, (n,))).astype(dtype)
         outs, invalid = jax.vmap(k)(xs)

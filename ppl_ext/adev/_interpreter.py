@@ -38,7 +38,6 @@ from jax.extend import core
 from jax._src import source_info_util
 
 from ._errors import UnsupportedEstimatorError, UnsupportedPrimitiveError
-from ._estimators import CURRENT_SITE
 from ._primitives import (
     _FINITENESS as FINITENESS,
     constraint_by_id,
@@ -316,12 +315,8 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
     if not estimator.continuation:
         if resume is not None and scope.surrogate:
             fresh = zero_acc(True)
-            token = CURRENT_SITE.set(params["label"])
-            try:
-                plate = estimator.run_plate(key, distribution, lambda x: resume([x], fresh),
-                                            dtype)
-            finally:
-                CURRENT_SITE.reset(token)
+            plate = estimator.run_plate(key, distribution, lambda x: resume([x], fresh),
+                                        dtype, params["label"])
             if plate is not None:
                 outs, invalid = plate
                 return Final((apply_acc(outs, acc), merge_invalid(acc.invalid, invalid)))
@@ -337,13 +332,10 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
             "the loop as a Python for loop (unrolled)."
         )
     fresh = zero_acc(scope.surrogate)
-    token = CURRENT_SITE.set(params["label"])
-    try:
-        outs, invalid = estimator.run(
-            key, distribution, lambda x: resume([x], fresh), scope.surrogate, dtype
-        )
-    finally:
-        CURRENT_SITE.reset(token)
+    outs, invalid = estimator.run(
+        key, distribution, lambda x: resume([x], fresh), scope.surrogate, dtype,
+        params["label"],
+    )
     return Final((apply_acc(outs, acc), merge_invalid(acc.invalid, invalid)))
 
 
