@@ -30,6 +30,9 @@ class SecondOrderError(ADEVError, NotImplementedError):
 class InvalidParameterError(ADEVError, ValueError):
     """A site's parameters violated their constraints at run time (numpyro validate_args).
 
-    Raised inside the compiled program, so JAX reports it wrapped in its runtime error,
-    whose message contains this one.
+    Raised by `f(key, ...)`, `f.estimate`, `f.grad`, `f.value_and_grad` and an eager
+    `jax.grad(f)`, with a one-line message naming the site, the parameter and its
+    constraint. Under a user's own `jax.jit` or `jax.vmap` the check runs inside the
+    compiled program, and JAX reports it wrapped in its runtime error, whose message
+    starts with `px.InvalidParameterError:` and this one.
     """

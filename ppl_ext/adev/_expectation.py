@@ -13,23 +13,36 @@ from jax.extend import core
 from jax._src.interpreters import partial_eval as pe
 
 from ._continuity import check_continuity
-from ._errors import ObjectiveShapeError, SecondOrderError
-from ._interpreter import finish, has_validated_sites, raise_if_invalid, run_jaxpr, zero_acc
+from ._errors import InvalidParameterError, ObjectiveShapeError, SecondOrderError
+from ._interpreter import (
+    finish,
+    has_validated_sites,
+    invalid_message,
+    raise_if_invalid,
+    run_jaxpr,
+    zero_acc,
+)
 from ._primitives import bind_nested, inside_expectation, tracing_expectation
 
 
 class _Program:
-    """A traced expectation program; hashable by identity (a static custom_jvp argument)."""
+    """A traced expectation program; hashable by identity (a static custom_jvp argument).
 
-    __slots__ = ("jaxpr",)
+    `messages` is the list of run-time error messages of its parameter checks (owned by
+    the `Expectation`, so that ids are stable across traces); `invalid` indexes it.
+    """
 
-    def __init__(self, jaxpr: core.Jaxpr):
+    __slots__ = ("jaxpr", "messages")
+
+    def __init__(self, jaxpr: core.Jaxpr, messages: list[str]):
         self.jaxpr = jaxpr
+        self.messages = messages
 
 
 def _evaluate(program: _Program, key, inputs, surrogate: bool):
-    """`(outputs, invalid site id)` of the program, in value or surrogate mode."""
-    return run_jaxpr(program.jaxpr, [], inputs, key, zero_acc(surrogate), surrogate, finish)
+    """`(outputs, invalid message id)` of the program, in value or surrogate mode."""
+    return run_jaxpr(program.jaxpr, [], inputs, key, zero_acc(surrogate), surrogate, finish,
+                     (), program.messages)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -140,7 +153,8 @@ class Expectation:
     def __init__(self, fn: Callable):
         self.fn = fn
         functools.update_wrapper(self, fn)
-        self._estimate = jax.jit(self.__call__)
+        self._messages: list[str] = []  # run-time check messages, indexed by `invalid`
+        self._estimate = jax.jit(self._estimate_impl)
         self._grad = jax.jit(self._grad_impl)
         self._value_and_grad = jax.jit(self._value_and_grad_impl)
 
@@ -151,33 +165,56 @@ class Expectation:
             outs = bind_nested(jaxpr, inputs, label)
             return jax.tree.unflatten(out_tree, outs)
         if _all_concrete_arrays(args, kwargs):
-            return self._estimate(*args, **kwargs)  # eager call: compile once, not per op
-        out, invalid, check = self._run(args, kwargs)
-        return raise_if_invalid(out, invalid) if check else out
+            return self.estimate(*args, **kwargs)  # eager call: compile once, not per op
+        return self._checked(*self._run(args, kwargs))
 
     def _run(self, args, kwargs):
-        """`(estimate, invalid site id, whether any site validates its parameters)`."""
+        """`(estimate, invalid message id)`; the id is None when no site checks anything."""
         if not args:
             raise TypeError("an expectation is called as f(key, *args).")
         key, *rest = args
         key = _as_key(key)
         jaxpr, inputs, out_tree = _trace(self.fn, tuple(rest), kwargs)
-        outs, invalid = _estimate(_Program(jaxpr), key, inputs)
-        return jax.tree.unflatten(out_tree, outs), invalid, has_validated_sites(jaxpr)
+        outs, invalid = _estimate(_Program(jaxpr, self._messages), key, inputs)
+        out = jax.tree.unflatten(out_tree, outs)
+        return out, (invalid if has_validated_sites(jaxpr) else None)
+
+    def _checked(self, result, invalid):
+        """Raise `InvalidParameterError` for an invalid id known on the host.
+
+        Under an enclosing `jit`/`vmap` the id is traced: the error is then raised inside
+        the compiled program (JAX wraps it in its runtime error, same message).
+        """
+        if invalid is None:
+            return result
+        concrete = invalid.to_concrete_value() if isinstance(invalid, jax.core.Tracer) else invalid
+        if concrete is None:
+            return raise_if_invalid(result, invalid, self._messages)
+        text = invalid_message(self._messages, np.max(np.asarray(concrete)))
+        if text is not None:
+            raise InvalidParameterError(text.removeprefix("px.InvalidParameterError: "))
+        return result
+
+    def _estimate_impl(self, key, *args, **kwargs):
+        return self._run((key, *args), kwargs)
 
     def estimate(self, key, *args, **kwargs):
-        """Unbiased estimate of `E[P(*args, **kwargs)]` (jitted)."""
-        return self._estimate(key, *args, **kwargs)
+        """Unbiased estimate of `E[P(*args, **kwargs)]` (jitted).
+
+        Raises `px.InvalidParameterError` naming the site, the parameter and its constraint
+        when a site's traced parameters violate their constraints (numpyro validate_args).
+        """
+        return self._checked(*self._estimate(key, *args, **kwargs))
 
     def _scalar(self, key, *args, **kwargs):
-        out, invalid, check = self._run((key, *args), kwargs)
+        out, invalid = self._run((key, *args), kwargs)
         if not isinstance(out, jax.Array) or out.shape != ():
             shape = getattr(out, "shape", jax.tree.structure(out))
             raise ObjectiveShapeError(
                 f"gradients need a scalar objective, but {self.__name__} returns {shape}. "
                 "Reduce it (e.g. jnp.sum) or differentiate one output with jax.jacrev."
             )
-        return out, (out, invalid, check)
+        return out, invalid
 
     def _argnums(self, args):
         if not args:
@@ -185,31 +222,29 @@ class Expectation:
         return tuple(range(1, len(args) + 1))
 
     def _grad_impl(self, key, *args, **kwargs):
-        grads, (_, invalid, check) = jax.grad(
+        grads, invalid = jax.grad(
             self._scalar, argnums=self._argnums(args), has_aux=True
         )(key, *args, **kwargs)
-        grads = grads[0] if len(args) == 1 else grads
-        # Tie the parameter check to the gradient itself: under jax.grad the value is dead.
-        return raise_if_invalid(grads, invalid) if check else grads
+        return (grads[0] if len(args) == 1 else grads), invalid
 
     def _value_and_grad_impl(self, key, *args, **kwargs):
-        (value, grads), (_, invalid, check) = _value_and_grad_aux(
+        (value, grads), invalid = _value_and_grad_aux(
             self._scalar, self._argnums(args)
         )(key, *args, **kwargs)
-        result = value, (grads[0] if len(args) == 1 else grads)
-        return raise_if_invalid(result, invalid) if check else result
+        return (value, (grads[0] if len(args) == 1 else grads)), invalid
 
     def grad(self, key, *args, **kwargs):
         """Unbiased estimate of the gradient w.r.t. every positional argument after the key.
 
         Jitted. One argument gives its gradient; several give a tuple, like `jax.grad`
-        with `argnums=(1, ..., n)`. Keyword arguments are not differentiated.
+        with `argnums=(1, ..., n)`. Keyword arguments are not differentiated. Invalid
+        parameters raise `px.InvalidParameterError` (see `estimate`).
         """
-        return self._grad(key, *args, **kwargs)
+        return self._checked(*self._grad(key, *args, **kwargs))
 
     def value_and_grad(self, key, *args, **kwargs):
         """`(estimate, gradient estimate)` from the same draws (jitted)."""
-        return self._value_and_grad(key, *args, **kwargs)
+        return self._checked(*self._value_and_grad(key, *args, **kwargs))
 
 
 def _all_concrete_arrays(args, kwargs) -> bool:
@@ -224,10 +259,10 @@ def _all_concrete_arrays(args, kwargs) -> bool:
 
 def _value_and_grad_aux(fn, argnums):
     def wrapped(*args, **kwargs):
-        (value, aux), grads = jax.value_and_grad(fn, argnums=argnums, has_aux=True)(
+        (value, invalid), grads = jax.value_and_grad(fn, argnums=argnums, has_aux=True)(
             *args, **kwargs
         )
-        return (value, grads), aux
+        return (value, grads), invalid
 
     return wrapped
 

@@ -32,19 +32,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
-from numpyro.distributions import constraints
 from jax import lax
 from jax.extend import core
 from jax._src import source_info_util
 
 from ._errors import UnsupportedEstimatorError, UnsupportedPrimitiveError
-from ._primitives import (
-    _FINITENESS as FINITENESS,
-    constraint_by_id,
-    nested_p,
-    sample_p,
-    site_labels,
-)
+from ._primitives import nested_p, sample_p
 from ._signs import fact_of, proves
 
 sg = lax.stop_gradient
@@ -69,7 +62,8 @@ class Scope(NamedTuple):
     slots: dict[int, int]
     surrogate: bool
     where: tuple[str, ...]
-    jaxpr: Any = None  # the jaxpr being run (for the sign facts of its variables)
+    jaxpr: Any  # the jaxpr being run (for the sign facts of its variables)
+    messages: list[str]  # the program's run-time error messages; `invalid` indexes it
 
 
 class Continue(NamedTuple):
@@ -108,12 +102,10 @@ def _eqn_has_sites(eqn) -> bool:
 
 @functools.lru_cache(maxsize=8192)
 def first_continuation_site(jaxpr: core.Jaxpr) -> str | None:
-    """Label of the first continuation-estimator site in `jaxpr` (not inside nested expectations)."""
+    """Label of the first continuation-estimator site in `jaxpr` (nested expectations too)."""
     for eqn in jaxpr.eqns:
         if eqn.primitive is sample_p and eqn.params["continuation"]:
             return eqn.params["label"]
-        if eqn.primitive is nested_p:
-            continue
         for sub in _sub_jaxprs(eqn.params):
             found = first_continuation_site(sub)
             if found is not None:
@@ -175,38 +167,49 @@ def merge_invalid(first, second):
     return jnp.where(first >= 0, first, second)
 
 
-def raise_if_invalid(values, invalid):
-    """Attach a run-time error naming the first site whose parameters were invalid."""
-    labels = site_labels()
-    messages = [
-        f"{label}: a parameter violates its constraint (numpyro's validate_args is on), so "
-        "the estimate would be NaN or wrong. Check the parameters passed to this site."
-        for label in labels
-    ]
-    index = jnp.clip(invalid, 0, len(labels) - 1)
-    return eqx.branched_error_if(values, invalid >= 0, index, messages)
+def message_id(messages: list[str], text: str) -> int:
+    """The index of `text` in the program's message list (appended if new)."""
+    if text not in messages:
+        messages.append(text)
+    return messages.index(text)
 
 
-def _open_checks(jaxpr: core.Jaxpr, eqn) -> list[tuple[int, Any]]:
+def invalid_message(messages: list[str], invalid) -> str | None:
+    """The message of a concrete invalid id (None when it is -1)."""
+    index = int(invalid)
+    return None if index < 0 else messages[index]
+
+
+def raise_if_invalid(values, invalid, messages: list[str]):
+    """Attach an in-graph run-time error naming the first site whose parameters were invalid.
+
+    Used where the check cannot run on the host (under a user's `jit` or `vmap`): JAX then
+    reports it wrapped in its runtime error, whose message starts with this one.
+    """
+    if not messages:
+        return values
+    index = jnp.clip(invalid, 0, len(messages) - 1)
+    return eqx.branched_error_if(values, invalid >= 0, index, list(messages))
+
+
+def _open_checks(jaxpr: core.Jaxpr, eqn) -> list:
     """The parameter checks of a site that the program does not already guarantee."""
     open_checks = []
-    for index, constraint_id in eqn.params["checks"]:
-        constraint = constraint_by_id(constraint_id)
-        if index >= 0 and proves(fact_of(jaxpr, eqn.invars[index]), constraint):
+    for check in eqn.params["checks"]:
+        if check.index >= 0 and proves(fact_of(jaxpr, eqn.invars[check.index]),
+                                       check.constraint.value):
             continue
-        open_checks.append((index, constraint))
+        open_checks.append(check)
     return open_checks
 
 
 @functools.lru_cache(maxsize=8192)
 def has_validated_sites(jaxpr: core.Jaxpr) -> bool:
-    """Whether a site in `jaxpr` (outside nested expectations) checks its parameters."""
+    """Whether a site in `jaxpr` (nested expectations included) checks its parameters."""
     for eqn in jaxpr.eqns:
         if eqn.primitive is sample_p and _open_checks(jaxpr, eqn):
             return True
-        if eqn.primitive is not nested_p and any(
-            has_validated_sites(j) for j in _sub_jaxprs(eqn.params)
-        ):
+        if any(has_validated_sites(j) for j in _sub_jaxprs(eqn.params)):
             return True
     return False
 
@@ -219,9 +222,14 @@ def run_jaxpr(
     acc: Acc,
     surrogate: bool,
     cont: Cont | None,
-    where: tuple[str, ...] = (),
+    where: tuple[str, ...],
+    messages: list[str],
 ):
-    """Interpret `jaxpr`. With `cont`, return `cont`'s result; without, `(outs, acc)`."""
+    """Interpret `jaxpr`. With `cont`, return `cont`'s result; without, `(outs, acc)`.
+
+    `messages` is the program's list of run-time error messages (parameter checks append
+    theirs; the `invalid` accumulator is an index into it).
+    """
     env: dict[Any, Any] = {}
     for var, val in zip(jaxpr.constvars, consts, strict=True):
         env[var] = val
@@ -234,7 +242,7 @@ def run_jaxpr(
         keys = key[None]
     else:
         keys = jax.random.split(key, len(slots))
-    scope = Scope(keys, slots, surrogate, where, jaxpr)
+    scope = Scope(keys, slots, surrogate, where, jaxpr, messages)
     return _run_from(jaxpr, 0, env, scope, acc, cont)
 
 
@@ -303,15 +311,13 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
     dtype = params["out_aval"].dtype
     checks = _open_checks(scope.jaxpr, eqn)
     if checks:
-        ok = jnp.bool_(True)
-        for index, constraint in checks:
-            if index < 0:
-                ok = ok & _parameters_valid(distribution)
-            else:
-                ok = ok & jnp.all(constraint(invals[index]))
-        acc = acc._replace(
-            invalid=jnp.where((acc.invalid < 0) & ~ok, params["site_id"], acc.invalid)
-        )
+        invalid = jnp.int32(-1)
+        for check in reversed(checks):  # the first failing check wins
+            value = invals[check.index] if check.index >= 0 else _parameter(distribution, check)
+            text = _invalid_text(params["label"], distribution, check)
+            ok = jnp.all(check.constraint.value(value))
+            invalid = jnp.where(ok, invalid, message_id(scope.messages, text))
+        acc = acc._replace(invalid=merge_invalid(acc.invalid, invalid))
     if not estimator.continuation:
         if resume is not None and scope.surrogate:
             fresh = zero_acc(True)
@@ -339,17 +345,23 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
     return Final((apply_acc(outs, acc), merge_invalid(acc.invalid, invalid)))
 
 
-def _parameters_valid(distribution) -> jax.Array:
-    """All parameter constraints hold (numpyro skips this check for traced values)."""
-    base = getattr(distribution, "base_dist", None)
-    ok = _parameters_valid(base) if isinstance(base, dist.Distribution) else jnp.bool_(True)
-    for name, constraint in distribution.arg_constraints.items():
-        value = distribution.__dict__.get(name)
-        if value is None or constraints.is_dependent(constraint):
-            continue
-        if not any(constraint is c for c in FINITENESS):
-            ok = ok & jnp.all(constraint(value))
-    return ok
+def _at_depth(distribution, depth: int):
+    for _ in range(depth):
+        distribution = distribution.base_dist
+    return distribution
+
+
+def _parameter(distribution, check):
+    """The checked parameter of a site when it is not one of its operands."""
+    return _at_depth(distribution, check.depth).__dict__[check.name]
+
+
+def _invalid_text(label: str, distribution, check) -> str:
+    owner = type(_at_depth(distribution, check.depth)).__name__
+    return (
+        f"px.InvalidParameterError: {label}: parameter {check.name!r} of {owner} violates "
+        f"its constraint {check.constraint.value} (numpyro's validate_args is on)."
+    )
 
 
 def _call_rule(eqn, invals, key, acc, scope: Scope, resume):
@@ -359,9 +371,11 @@ def _call_rule(eqn, invals, key, acc, scope: Scope, resume):
     where = scope.where + (f"{eqn.primitive.name} {eqn.params.get('name', '')}".strip(),)
     if resume is not None and first_continuation_site(jaxpr) is not None:
         return Final(
-            run_jaxpr(jaxpr, consts, invals, key, acc, scope.surrogate, resume, where)
+            run_jaxpr(jaxpr, consts, invals, key, acc, scope.surrogate, resume, where,
+                      scope.messages)
         )
-    outs, acc = run_jaxpr(jaxpr, consts, invals, key, acc, scope.surrogate, None, where)
+    outs, acc = run_jaxpr(jaxpr, consts, invals, key, acc, scope.surrogate, None, where,
+                          scope.messages)
     return Continue(outs, acc)
 
 
@@ -374,7 +388,8 @@ def _cond_rule(eqn, invals, key, acc, scope: Scope, resume):
     ):
         # Each branch finishes the whole program; the selected branch's result is kept.
         finals = [
-            run_jaxpr(b.jaxpr, list(b.consts), ops, key, acc, scope.surrogate, resume, where)
+            run_jaxpr(b.jaxpr, list(b.consts), ops, key, acc, scope.surrogate, resume, where,
+                      scope.messages)
             for b in branches
         ]
         which = jnp.clip(index, 0, len(branches) - 1).astype(jnp.int32)
@@ -384,7 +399,8 @@ def _cond_rule(eqn, invals, key, acc, scope: Scope, resume):
     def branch_fn(branch):
         def fn(key, acc, ops):
             return run_jaxpr(
-                branch.jaxpr, list(branch.consts), ops, key, acc, scope.surrogate, None, where
+                branch.jaxpr, list(branch.consts), ops, key, acc, scope.surrogate, None, where,
+                scope.messages,
             )
 
         return fn
@@ -408,7 +424,8 @@ def _scan_rule(eqn, invals, key, acc, scope: Scope, resume):
         acc, c = carry
         k, xv = x
         outs, acc = run_jaxpr(
-            body, body_consts, [*consts, *c, *xv], k, acc, scope.surrogate, None, where
+            body, body_consts, [*consts, *c, *xv], k, acc, scope.surrogate, None, where,
+            scope.messages,
         )
         return (acc, outs[:num_carry]), outs[num_carry:]
 
@@ -451,6 +468,7 @@ def _while_rule(eqn, invals, key, acc, scope: Scope, resume):
             scope.surrogate,
             None,
             where,
+            scope.messages,
         )
         return k, count + 1, acc, outs
 
@@ -478,19 +496,22 @@ def _custom_rule(eqn, invals, key, acc, scope: Scope, resume):
 
 
 def _nested_rule(eqn, invals, key, acc, scope: Scope, resume):
-    """A nested expectation: an unbiased sample of its value, with its own tangent."""
+    """A nested expectation: its random choices are the enclosing program's.
+
+    The nested program is a sample of an unbiased estimate of its value, and its sites are
+    sites of the enclosing program (interpreted inline, like a call): their score terms
+    multiply the enclosing program's final value and continuation estimators get the rest
+    of the whole program. So value and gradient are unbiased for whatever the enclosing
+    program does with the sample, nonlinear uses (`inner(theta) ** 2`, a log) included.
+    """
+    where = scope.where + (eqn.params["label"],)
     jaxpr = eqn.params["jaxpr"]
-    outs, invalid = run_jaxpr(
-        jaxpr,
-        [],
-        invals,
-        key,
-        zero_acc(scope.surrogate),
-        scope.surrogate,
-        finish,
-        scope.where + ("nested expectation",),
-    )
-    return Continue(list(outs), acc._replace(invalid=merge_invalid(acc.invalid, invalid)))
+    if resume is not None and first_continuation_site(jaxpr) is not None:
+        return Final(run_jaxpr(jaxpr, [], invals, key, acc, scope.surrogate, resume, where,
+                               scope.messages))
+    outs, acc = run_jaxpr(jaxpr, [], invals, key, acc, scope.surrogate, None, where,
+                          scope.messages)
+    return Continue(list(outs), acc)
 
 
 RULES[sample_p] = _sample_rule

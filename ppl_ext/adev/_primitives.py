@@ -13,9 +13,10 @@ import contextlib
 import contextvars
 import os
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
@@ -65,12 +66,67 @@ sample_p.def_impl(_outside("px.sample"))
 mlir.register_lowering(sample_p, _outside("px.sample"))
 
 
-def _refuse_vmap(args, dims, **params):
-    raise UnsupportedPrimitiveError(
-        f"{params['label']} is inside jax.vmap within the expectation program. Draw "
+def _vmapped_sites_error(label: str, why: str) -> UnsupportedPrimitiveError:
+    return UnsupportedPrimitiveError(
+        f"{label} is inside jax.vmap within the expectation program, and {why}. Draw "
         "vectorised independent values with a batch-shaped distribution instead "
         "(`d.expand((n,))` or a numpyro plate), or vmap the whole expectation from outside."
     )
+
+
+def _batch_sample(axis_data, vals, dims, *, tree, label, **params):
+    """`jax.vmap` of a site: one independent draw per mapped element, as a plate would.
+
+    The vmapped site becomes one batch-shaped site whose new leading batch axis is the
+    mapped axis: `d.expand((size,) + d.batch_shape)` when the distribution does not depend
+    on the mapped values, otherwise the distribution rebuilt from the batched parameters
+    (numpyro's `promote_batch_shape`). Each element then gets its own draw (never one
+    draw repeated), and the estimator treats the elements as a plate's.
+    """
+    size = axis_data.size
+    distribution, estimator = jax.tree.unflatten(tree, vals)
+    num_dist = len(jax.tree.leaves(distribution))
+    if any(d is not None for d in dims[num_dist:]):
+        raise _vmapped_sites_error(label, "its estimator's state (a baseline) is batched")
+    if all(d is None for d in dims[:num_dist]):
+        batched = distribution.expand((size,) + tuple(distribution.batch_shape))
+    else:
+        from numpyro.distributions.batch_util import promote_batch_shape
+
+        leaves, dist_tree = jax.tree.flatten(distribution)
+        leaves = [
+            jnp.broadcast_to(x, (size,) + jnp.shape(x)) if d is None else jnp.moveaxis(x, d, 0)
+            for x, d in zip(leaves, dims[:num_dist])
+        ]
+        try:
+            batched = promote_batch_shape(jax.tree.unflatten(dist_tree, leaves))
+        except Exception as error:  # noqa: BLE001 - any failure: refuse by name
+            raise _vmapped_sites_error(
+                label, f"its {type(distribution).__name__} parameters are batched, which "
+                f"numpyro cannot re-batch ({type(error).__name__}: {error})") from None
+        if tuple(batched.batch_shape[:1]) != (size,):
+            raise _vmapped_sites_error(
+                label, f"its batched {type(distribution).__name__} has batch shape "
+                f"{batched.batch_shape}, not one led by the mapped axis ({size})")
+    return _bind_site(batched, estimator, label), 0
+
+
+def _batch_nested(axis_data, vals, dims, *, jaxpr, label):
+    """`jax.vmap` of a nested expectation: one independent estimate per mapped element."""
+    size = axis_data.size
+
+    def body(_, *args):
+        return jax.core.eval_jaxpr(jaxpr, [], *args)
+
+    with tracing_expectation():
+        closed = jax.make_jaxpr(
+            jax.vmap(body, in_axes=(0, *dims), out_axes=0, axis_size=size)
+        )(jnp.arange(size), *vals)
+    from jax._src.interpreters import partial_eval as pe
+
+    batched = pe.convert_constvars_jaxpr(closed.jaxpr)
+    outs = nested_p.bind(*closed.consts, jnp.arange(size), *vals, jaxpr=batched, label=label)
+    return outs, [0] * len(outs)
 
 
 def _refuse_jvp(primals, tangents, **params):
@@ -81,7 +137,7 @@ def _refuse_jvp(primals, tangents, **params):
     )
 
 
-batching.primitive_batchers[sample_p] = _refuse_vmap
+batching.fancy_primitive_batchers[sample_p] = _batch_sample
 jax.interpreters.ad.primitive_jvps[sample_p] = _refuse_jvp
 
 
@@ -164,6 +220,11 @@ def sample(
     label = _site_label(name, distribution, estimator)
     if _plates:
         distribution = _apply_plates(distribution, label)
+    return _bind_site(distribution, estimator, label)
+
+
+def _bind_site(distribution: dist.Distribution, estimator: AbstractEstimator, label: str):
+    """Bind `sample_p` for a checked site: everything the interpreter needs is a parameter."""
     estimator.check(distribution, label)
     leaves, tree = jax.tree.flatten((distribution, estimator))
     shape = jax.eval_shape(distribution.sample, jax.random.key(0))
@@ -175,9 +236,44 @@ def sample(
         continuation=estimator.continuation,
         pathwise=isinstance(estimator, Reparam) and not estimator.allow_discontinuous,
         checks=_runtime_checks(distribution, leaves),
-        site_id=_register_site(label),
         label=label,
     )
+
+
+class ById:
+    """A hashable handle on an object, compared by identity (for primitive parameters).
+
+    numpyro's constraints define `__eq__` without `__hash__`, so they cannot be primitive
+    parameters themselves; the handle carries one explicitly, with no registry.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return id(self.value)
+
+    def __eq__(self, other):
+        return isinstance(other, ById) and other.value is self.value
+
+    def __repr__(self):
+        return f"ById({self.value!r})"
+
+
+class Check(NamedTuple):
+    """A run-time check of one traced parameter of a site (numpyro `validate_args`).
+
+    `index` is the parameter's position among the site's flattened operands, or -1 when
+    the parameter is not itself an operand (it is then read from the distribution, `depth`
+    `base_dist` steps down); `name` is the parameter's name and `constraint` a `ById`.
+    """
+
+    index: int
+    name: str
+    depth: int
+    constraint: ById
 
 
 def _point_mass(distribution) -> bool:
@@ -194,36 +290,17 @@ def _point_mass(distribution) -> bool:
 _FINITENESS = (constraints.real, constraints.real_vector, constraints.real_matrix)
 
 
-#: Constraints checked at run time, by id (primitive parameters must be hashable).
-_CONSTRAINTS: list = []
-
-
-def constraint_by_id(index: int):
-    """The constraint registered under `index` by `_runtime_checks`."""
-    return _CONSTRAINTS[index]
-
-
-def _constraint_id(constraint) -> int:
-    for i, c in enumerate(_CONSTRAINTS):
-        if c is constraint:
-            return i
-    _CONSTRAINTS.append(constraint)
-    return len(_CONSTRAINTS) - 1
-
-
-def _runtime_checks(distribution: dist.Distribution, leaves) -> tuple:
-    """`((leaf index, constraint id), ...)` for traced parameters to check at run time.
+def _runtime_checks(distribution: dist.Distribution, leaves, depth: int = 0) -> tuple:
+    """The `Check`s of traced parameters to verify at run time.
 
     numpyro checks concrete parameters when the distribution is built (if its
     `validate_args` is on) and skips traced ones; ppl_ext checks those at run time, unless
-    the program guarantees them (`_signs.py`). Only constraints beyond finiteness count. A
-    traced parameter that is not itself a leaf gets index -1: the whole distribution is
-    then checked (`_interpreter._parameters_valid`).
+    the program guarantees them (`_signs.py`). Only constraints beyond finiteness count.
     """
     checks = []
     base = getattr(distribution, "base_dist", None)  # Expanded, Independent, Masked, ...
     if isinstance(base, dist.Distribution):
-        checks += _runtime_checks(base, leaves)
+        checks += _runtime_checks(base, leaves, depth + 1)
     if not distribution._validate_args:
         return tuple(checks)
     for name, constraint in distribution.arg_constraints.items():
@@ -233,20 +310,8 @@ def _runtime_checks(distribution: dist.Distribution, leaves) -> tuple:
         if not isinstance(value, jax.core.Tracer):
             continue
         index = next((i for i, leaf in enumerate(leaves) if leaf is value), -1)
-        checks.append((index, _constraint_id(constraint)))
+        checks.append(Check(index, name, depth, ById(constraint)))
     return tuple(checks)
-
-
-_SITE_LABELS: dict[str, int] = {}
-
-
-def _register_site(label: str) -> int:
-    return _SITE_LABELS.setdefault(label, len(_SITE_LABELS))
-
-
-def site_labels() -> list[str]:
-    """Labels of all sites traced so far, indexed by site id (for run-time messages)."""
-    return list(_SITE_LABELS)
 
 
 def _apply_plates(distribution: dist.Distribution, label: str) -> dist.Distribution:
@@ -277,7 +342,7 @@ nested_p.def_impl(_outside("nested expectation"))
 mlir.register_lowering(nested_p, _outside("nested expectation"))
 
 
-batching.primitive_batchers[nested_p] = _refuse_vmap
+batching.fancy_primitive_batchers[nested_p] = _batch_nested
 jax.interpreters.ad.primitive_jvps[nested_p] = _refuse_jvp
 
 
