@@ -1,4 +1,9 @@
-"""Statistical helpers for tests (see conftest.py for the false-failure budget)."""
+"""Statistical helpers for tests (see conftest.py for the false-failure budget).
+
+Every comparison of a Monte-Carlo mean with an exact value (or with another mean) goes
+through `assert_unbiased`, `assert_same_mean` or `assert_within_se`, which count it; the
+suite's false-failure probability is computed from that count at the end of the run.
+"""
 
 import jax
 import numpy as np
@@ -6,7 +11,25 @@ import numpy as np
 K_SE = 4.0
 NUM_ESTIMATES = 10_000
 
+_COUNT = {"comparisons": 0}
 
+
+def record_comparisons(number: int) -> None:
+    """Count `number` statistical comparisons made (e.g. in a subprocess)."""
+    _COUNT["comparisons"] += int(number)
+
+
+def comparisons_made() -> int:
+    """Statistical comparisons counted so far in this process."""
+    return _COUNT["comparisons"]
+
+
+def assert_within_se(difference, se, k: float = K_SE, atol: float = 0.0, what: str = ""):
+    """`|difference| <= k · se + atol`, elementwise; one counted comparison per element."""
+    difference, se = np.asarray(difference, np.float64), np.asarray(se, np.float64)
+    record_comparisons(np.broadcast(difference, se).size)
+    bad = np.abs(difference) > k * se + atol
+    assert not np.any(bad), f"{what}: difference {difference}, {k} SE = {k * se} (+ {atol})"
 
 
 def mean_and_se(samples) -> tuple[np.ndarray, np.ndarray]:
@@ -17,6 +40,7 @@ def mean_and_se(samples) -> tuple[np.ndarray, np.ndarray]:
 def assert_same_mean(a, b, k: float = K_SE, atol: float = 1e-6, what: str = ""):
     """Two independent samples (leading axis) have means within `k` combined standard errors."""
     (m1, s1), (m2, s2) = mean_and_se(a), mean_and_se(b)
+    record_comparisons(np.size(m1))
     bad = np.abs(m1 - m2) > k * np.hypot(s1, s2) + atol
     assert not np.any(bad), f"{what}: means {m1} vs {m2}, {k} SE = {k * np.hypot(s1, s2)}"
 
@@ -25,6 +49,7 @@ def assert_unbiased(samples, exact, k: float = K_SE, atol: float = 1e-5, what: s
     """Assert the mean of `samples` (leading axis) is within `k` standard errors of `exact`."""
     mean, se = mean_and_se(samples)
     exact = np.asarray(exact, dtype=np.float64)
+    record_comparisons(np.broadcast(mean, exact).size)
     bound = k * se + atol
     bad = np.abs(mean - exact) > bound
     assert not np.any(bad), (

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+from tests.helpers import record_comparisons
+
 SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
@@ -50,3 +52,4 @@ def test_x64_process():
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and "x64 ok" in result.stdout, result.stderr[-3000:]
+    record_comparisons(2)  # the subprocess's two k-SE comparisons

@@ -13,7 +13,7 @@ import pytest
 import ppl_ext as px
 from tests.helpers import (
     assert_same_mean, assert_unbiased, coin_guide, coin_model, exact_coin_iwelbo, many,
-    mean_and_se,
+    assert_within_se, mean_and_se,
 )
 
 DATA = jnp.array([0.5, 1.5, 1.0, 2.0, 0.3])
@@ -39,7 +39,7 @@ def test_loss_matches_trace_elbo_in_distribution():
     ours = jax.jit(jax.vmap(lambda k: px.numpyro.ELBO().loss(k, params, model, guide, DATA)))(keys)
     theirs = jax.jit(jax.vmap(lambda k: Trace_ELBO().loss(k, params, model, guide, DATA)))(keys)
     (m1, s1), (m2, s2) = mean_and_se(ours), mean_and_se(theirs)
-    assert abs(m1 - m2) < 4 * np.hypot(s1, s2)
+    assert_within_se(m1 - m2, np.hypot(s1, s2), what="loss")
     assert abs(np.std(ours) / np.std(theirs) - 1) < 0.1
     g_ours = jax.jit(jax.vmap(lambda k: jax.grad(
         lambda p: px.numpyro.ELBO().loss(k, p, model, guide, DATA))(params)))(keys[:4000])
@@ -47,7 +47,7 @@ def test_loss_matches_trace_elbo_in_distribution():
         lambda p: Trace_ELBO().loss(k, p, model, guide, DATA))(params)))(keys[:4000])
     for name in params:
         (a, sa), (b, sb) = mean_and_se(g_ours[name]), mean_and_se(g_theirs[name])
-        assert abs(a - b) < 4 * np.hypot(sa, sb), name
+        assert_within_se(a - b, np.hypot(sa, sb), what=name)
 
 
 @pytest.mark.parametrize("autoguide", [AutoNormal, AutoDiagonalNormal,
