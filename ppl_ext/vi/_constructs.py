@@ -1,6 +1,6 @@
 """Approximate marginalisation and normalisation as generative functions.
 
-Both follow the proper-weighting contract of ../shared/DESIGN.md. With `q` the density of
+Both follow the proper-weighting contract of docs/design.md. With `q` the density of
 what `simulate` outputs:
 - `simulate` returns `x ~ q` and `Trace.log_density = log Ẑ(x)` where `1/Ẑ(x)` is an
   unbiased estimate of `1/q(x)` given `x`;
