@@ -18,7 +18,13 @@ from numpyro.infer.util import log_density
 
 from ..adev import AbstractEstimator, enum, reinforce
 from ..adev._primitives import sample as _sample
-from ._protocol import AbstractGenerativeFunction, Trace
+from ._protocol import (
+    AbstractGenerativeFunction,
+    DensityTerm,
+    Trace,
+    density_terms_recorded,
+    report_density_term,
+)
 
 
 class _Subsample(dist.Distribution):
@@ -228,23 +234,41 @@ def check_estimator_names(estimators, sites: set[str], owner: str) -> None:
         )
 
 
-def _log_joint(model_trace) -> Array:
-    """Sum of the (scaled, masked) log densities of a trace's sample sites.
+def _site_log_density(site) -> Array:
+    """A recorded sample site's summed log density, times its scale if it has one."""
+    if site["intermediates"]:
+        log_prob = site["fn"].log_prob(site["value"], site["intermediates"])
+    else:
+        log_prob = site["fn"].log_prob(site["value"])
+    if site["scale"] is not None:
+        log_prob = site["scale"] * log_prob
+    return jnp.sum(log_prob)
+
+
+def _log_joint(model_trace, skip=frozenset()) -> Array:
+    """Sum of the (scaled, masked) log densities of a trace's sample sites not in `skip`.
 
     What `numpyro.infer.util.log_density` computes, from a trace already recorded.
     """
     total = jnp.zeros(())
-    for site in model_trace.values():
-        if site["type"] != "sample":
-            continue
-        if site["intermediates"]:
-            log_prob = site["fn"].log_prob(site["value"], site["intermediates"])
-        else:
-            log_prob = site["fn"].log_prob(site["value"])
-        if site["scale"] is not None:
-            log_prob = site["scale"] * log_prob
-        total = total + jnp.sum(log_prob)
+    for name, site in model_trace.items():
+        if site["type"] == "sample" and name not in skip:
+            total = total + _site_log_density(site)
     return total
+
+
+def _report_observed(model_trace, owner: str) -> None:
+    """Report observed sites and factors: terms of `log_density` that are not draws."""
+    if not density_terms_recorded():
+        return
+    for name, site in model_trace.items():
+        if site["type"] == "sample" and site["is_observed"]:
+            report_density_term(DensityTerm(
+                f"observed site {name!r} of {owner} (obs= or numpyro.factor: its log "
+                "density is a term of the log density, but it is not a draw)",
+                "observed",
+                _site_log_density(site),
+            ))
 
 
 class NumPyroModel(AbstractGenerativeFunction):
@@ -257,7 +281,8 @@ class NumPyroModel(AbstractGenerativeFunction):
     `config_enumerate` marks `infer={"enumerate": "parallel"}` defaults to `px.enum`, the
     exact sum TraceEnum_ELBO does with guide-side enumeration). Observed sites, plates,
     masks, scales and `numpyro.deterministic` keep their NumPyro meaning: densities come
-    from `numpyro.infer.util.log_density`. Parameters (`numpyro.param` sites) are passed as
+    from `numpyro.infer.util.log_density` (a scaled site counts with its scaled log density
+    everywhere, `generate`'s weight included; see `AbstractGenerativeFunction`). Parameters (`numpyro.param` sites) are passed as
     a dict, the first argument of every method. A subsampling plate
     (`subsample_size=m`) draws its indices at a site named after the plate (a law without
     parameters: no gradient contribution) and records them among the choices, so that a
@@ -295,6 +320,7 @@ class NumPyroModel(AbstractGenerativeFunction):
         if self.check_estimators and self.estimators:
             check_estimator_names(self.estimators, _sample_site_names(traced.trace),
                                   _function_name(self.fn))
+        _report_observed(traced.trace, _function_name(self.fn))
         values = {**dict(constraints), **handler.drawn}
         return values, handler.drawn, _log_joint(traced.trace), retval, traced.trace
 
@@ -320,12 +346,15 @@ class NumPyroModel(AbstractGenerativeFunction):
         return jnp.asarray(log_p)
 
     def generate(self, constraints, params: Mapping[str, Any] | None, *args, **kwargs):
-        """Draw the sites not in `constraints` from their prior; weight = log p(constraints | drawn)."""
+        """Draw the latent sites not in `constraints` from their prior (given the others).
+
+        The weight is `log p(all choices) - log p(drawn choices | the others)` with scaled
+        site densities (see `AbstractGenerativeFunction`): a site under numpyro's `scale`
+        handler or in a subsampling plate counts as `scale · log p_site` on both sides, so
+        the drawn sites cancel and the weight is the scaled log density of the
+        constrained and observed sites. It is computed as that sum, exactly (not as a
+        difference of two large sums).
+        """
         values, drawn, log_p, retval, model_trace = self._run(params, constraints, args, kwargs)
-        log_drawn = sum(
-            (jnp.sum(site["fn"].log_prob(site["value"]) * (site["scale"] if site["scale"] is not None else 1.0))
-             for name, site in model_trace.items()
-             if site["type"] == "sample" and name in drawn),
-            start=jnp.zeros(()),
-        )
-        return Trace(values, log_p, retval), log_p - log_drawn
+        weight = _log_joint(model_trace, skip=frozenset(drawn))
+        return Trace(values, log_p, retval), weight

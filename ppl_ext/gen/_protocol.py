@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -14,7 +17,9 @@ class Trace(NamedTuple):
     - `choices`: the random choices, a dict from site name to value;
     - `log_density`: `log q(choices)`, or for constructs with only estimable densities the
       log of an estimate `ŵ` with `E[ŵ | choices] = 1/q(choices)`, negated (see
-      ../shared/DESIGN.md, proper weighting);
+      docs/design.md, proper weighting). A site whose log density is scaled (numpyro's
+      `scale` handler, a subsampling plate: scale `N/m`) counts with its scaled log
+      density, `scale · log q_site(value)`, as in NumPyro's `log_density`;
     - `retval`: the return value.
     """
 
@@ -23,12 +28,71 @@ class Trace(NamedTuple):
     retval: Any
 
 
+class DensityTerm(NamedTuple):
+    """A term of `simulate`'s `Trace.log_density` that is not the density of a draw.
+
+    `simulate` reports such terms with `report_density_term` while
+    `recording_density_terms` is active (objectives that need `log_density` to be exactly
+    the log density of the function's `px.sample` draws, such as `px.vi.vimco` and
+    `px.vi.iwelbo_dreg`, trace `simulate` that way and refuse them):
+
+    - `label`: names the term and its generative function, for error messages (read
+      after "the guide's", e.g. `"observed site 'x' of 'guide'"`);
+    - `kind`: `"observed"` (an observed site or a factor: the density of a value that was
+      not drawn) or `"estimate"` (the log density is an estimate, e.g. `px.vi.marginal`);
+    - `log_density`: the term's value (a traced array), from which the objective reads
+      what it depends on.
+    """
+
+    label: str
+    kind: str
+    log_density: Any
+
+
+_DENSITY_TERMS: contextvars.ContextVar[list[DensityTerm] | None] = contextvars.ContextVar(
+    "ppl_ext_density_terms", default=None
+)
+
+
+@contextlib.contextmanager
+def recording_density_terms() -> Iterator[list[DensityTerm]]:
+    """Collect the `DensityTerm`s that `simulate` calls report in this dynamic extent."""
+    terms: list[DensityTerm] = []
+    token = _DENSITY_TERMS.set(terms)
+    try:
+        yield terms
+    finally:
+        _DENSITY_TERMS.reset(token)
+
+
+def density_terms_recorded() -> bool:
+    """Whether `report_density_term` records (compute a term's value only then)."""
+    return _DENSITY_TERMS.get() is not None
+
+
+def report_density_term(term: DensityTerm) -> None:
+    """Report a `DensityTerm` of the running `simulate` (a no-op unless recording)."""
+    terms = _DENSITY_TERMS.get()
+    if terms is not None:
+        terms.append(term)
+
+
 class AbstractGenerativeFunction(eqx.Module):
     """A probabilistic program with a density over its random choices.
 
     Methods are called inside expectation programs (`px.expectation`): their random choices
     are `px.sample` sites, so each site's gradient estimator applies and the randomness
     comes from the expectation's key.
+
+    Scaled sites. A site may carry a scale `s` (numpyro's `scale` handler; a subsampling
+    plate gives its sites `s = N/m`). Every log density of the protocol is then the
+    *scaled* one: `simulate`'s `log_density`, `assess`, and both sides of `generate`'s
+    weight count such a site as `s · log p_site(value)`. Objectives stay unbiased for the
+    full-data ones that way (`E[Σ_batch (N/m) f_i] = Σ_all f_i` for an ELBO), and in
+    `generate` a site drawn from its own law cancels exactly whatever its scale.
+
+    `simulate` reports terms of its `log_density` that are not the density of one of its
+    draws (observed sites, factors, estimated densities) with `report_density_term`.
     """
 
     def simulate(self, *args, **kwargs) -> Trace:
@@ -44,7 +108,11 @@ class AbstractGenerativeFunction(eqx.Module):
     ) -> tuple[Trace, Array]:
         """Draw the unconstrained choices; return the trace and the log importance weight.
 
-        The weight is `log p(all choices) - log q(drawn choices)` where `q` is the law the
-        unconstrained choices were drawn from.
+        The weight is `log p(all choices) - log p(drawn choices | the others)`, both with
+        *scaled* site densities (class docstring): the drawn sites are drawn from their own
+        law (the function's prior for them), so their terms cancel, scaled or not, and the
+        weight is the scaled log density of the constrained and observed sites given the
+        drawn ones. Subtracting the unscaled density of a scaled drawn site instead would
+        leave `(s - 1) · log p_site(value)` in the weight, which no objective expects.
         """
         raise NotImplementedError

@@ -4,6 +4,19 @@ Each builder returns a `px.Expectation` called as `objective(key, params, *args,
 `params` is passed to both the model and the guide (NumPyro style: one parameter dict).
 They are written in the same language as user programs and are meant as examples of
 writing your own.
+
+Estimator assumptions. ADEV combines per-site estimators soundly, so most objectives are
+unbiased (for the quantity they define) whatever estimator each guide site uses: `elbo`,
+`iwelbo`, `renyi`, `hvi`/`diwhvi`, `wake_p`, `wake_q`/`forward_kl`, `symmetric_kl` (the
+last two are consistent, not unbiased, for the KL they target: the SIR bias).
+`normalize`'s selection is an ordinary Categorical site: every estimator that accepts it
+is unbiased (`px.reparam` is refused by its own check). Particles are drawn in a
+`lax.scan`, where the interpreter refuses continuation estimators by name. Two objectives
+are estimators that assume more of the guide, and state it as a `SiteRequirement`
+(`_requirements.py`) checked when traced, naming the offending site: `vimco`
+(`VIMCO_GUIDE`: score-function sites) and `iwelbo_dreg` (`DREG_GUIDE`: reparameterised
+sites); both also need the guide's exact log density (not `marginal` or `normalize`, not
+an observed site or factor that depends on the parameters).
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ from jax.scipy.special import logsumexp
 from ..adev import AbstractEstimator, Expectation, expectation, reinforce
 from ..gen import AbstractGenerativeFunction
 from ._constructs import _check_particles, checks_gen_fns, marginal, normalize
+from ._requirements import SiteRequirement, check_sites, pathwise_site, score_function_site
 
 
 @checks_gen_fns
@@ -197,6 +211,20 @@ def wake_q(
 forward_kl = wake_q
 
 
+#: DReG's guide: every score term is replaced by a pathwise one (refused otherwise).
+DREG_GUIDE = SiteRequirement(
+    objective="px.vi.iwelbo_dreg",
+    role="guide",
+    refuse=pathwise_site,
+    why=("DReG replaces the guide's score terms by pathwise derivatives of the "
+         "guide's exact log density, so every guide site whose law depends on the "
+         "parameters must be reparameterised (px.reparam, a distribution with rsample); "
+         "at K >= 2 another estimator's score term would be dropped (a biased gradient)."),
+    way_out=("Give the site px.reparam (remove its estimator override), or use "
+             "px.vi.iwelbo (any estimators) or px.vi.vimco (score-function guides)."),
+)
+
+
 @checks_gen_fns
 def iwelbo_dreg(
     model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int
@@ -206,9 +234,17 @@ def iwelbo_dreg(
     Called as `objective(key, model_params, guide_params, *args)`: the guide's parameters
     must be separate, since they get `Σ_k w̃_k² ∂ log w_k/∂z_k ∂z_k/∂φ` (path derivative
     only, `log q` with frozen parameters) while the model's get `Σ_k w̃_k ∇θ log p(x, z_k)`.
-    Both are unbiased for the IWELBO gradient; the guide part keeps its signal-to-noise
-    ratio as `K` grows, unlike the plain IWELBO estimator. The guide must be fully
-    reparameterisable (its sites use `px.reparam`). The value is the IWELBO estimate.
+    The arguments (`x`, also differentiated) get both: `Σ_k w̃_k ∂x log p(x, z_k)` for
+    their direct part and the path part through an amortised guide's draws. All are
+    unbiased for the IWELBO gradient; the guide part keeps its signal-to-noise ratio as
+    `K` grows, unlike the plain IWELBO estimator. The value is the IWELBO estimate.
+
+    Requires (checked when traced, naming the site; `DREG_GUIDE`): the guide's log density
+    is exact, and every guide site whose law depends on the parameters or arguments is
+    reparameterised with a density (`px.reparam`), or is a point mass that is a function
+    of such draws (an autoguide's unpacked latent). A score-function, enumerated or other
+    site, or a point mass placed by the parameters themselves (`AutoDelta`), is refused:
+    DReG has no term for its score (biased for `K >= 2`).
 
     Reference: Tucker, Lawson, Gu & Maddison 2019, "Doubly reparameterized gradient
     estimators for Monte Carlo objectives".
@@ -218,14 +254,20 @@ def iwelbo_dreg(
 
     @expectation
     def objective(model_params, guide_params, *args, **kwargs):
+        check_sites(DREG_GUIDE, guide, guide_params, *args, **kwargs)
+        # the arguments' direct derivative goes to the model-parameter part only; the path
+        # part differentiates the draws alone (everything else frozen)
+        frozen_args, frozen_kwargs = _stop_gradient((args, kwargs))
+
         def particle(carry, _):
             z = guide.simulate(guide_params, *args, **kwargs).choices
             frozen_q = sg(guide_params)
             # model-parameter part (no path through z) and path-only part (frozen params)
             log_w_model = model.assess(sg(z), model_params, *args, **kwargs) - guide.assess(
-                sg(z), frozen_q, *args, **kwargs)
-            log_w_path = model.assess(z, sg(model_params), *args, **kwargs) - guide.assess(
-                z, frozen_q, *args, **kwargs)
+                sg(z), frozen_q, *frozen_args, **frozen_kwargs)
+            log_w_path = model.assess(z, sg(model_params), *frozen_args,
+                                      **frozen_kwargs) - guide.assess(
+                z, frozen_q, *frozen_args, **frozen_kwargs)
             return carry, (log_w_model, log_w_path)
 
         log_w_model, log_w_path = lax.scan(particle, None, length=num_particles)[1]
@@ -238,32 +280,66 @@ def iwelbo_dreg(
     return objective
 
 
+def _stop_gradient(tree):
+    """`stop_gradient` on the floating array leaves of `tree` (others as they are)."""
+    def leaf(x):
+        if isinstance(x, (jax.Array, float, complex)) and jnp.issubdtype(
+                jnp.result_type(x), jnp.inexact):
+            return lax.stop_gradient(x)
+        return x
+
+    return jax.tree.map(leaf, tree)
+
+
+#: VIMCO's guide: the leave-one-out baselines multiply `d log q` of each particle.
+VIMCO_GUIDE = SiteRequirement(
+    objective="px.vi.vimco",
+    role="guide",
+    refuse=score_function_site,
+    why=("VIMCO subtracts, per particle, a leave-one-out baseline times the derivative of "
+         "that particle's exact guide log density; that is unbiased only when this "
+         "derivative averages to zero, i.e. when every guide site whose law depends on the "
+         "parameters or arguments uses the score function (px.reinforce, no baseline: "
+         "vimco's default) or is a point mass with a constant log_density."),
+    way_out=("Remove the site's estimator override (vimco gives every guide site "
+             "px.reinforce), or use px.vi.iwelbo (any estimators) or px.vi.iwelbo_dreg "
+             "(reparameterised guides)."),
+)
+
+
 @checks_gen_fns
 def vimco(
     model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int
 ) -> Expectation:
     """IWELBO with the VIMCO score-function estimator (per-particle leave-one-out baselines).
 
-    Every guide site uses the score function (`guide.default_estimator` is set to
-    `px.reinforce`, so discrete guides work). For particle `k` the baseline is the bound
-    with `log w_k` replaced by the mean of the others' log weights; it does not depend on
-    `z_k`, so the estimator is unbiased for the IWELBO gradient. Needs `K >= 2`.
+    Every guide site defaults to the score function (`guide.default_estimator` is set to
+    `px.reinforce` when the guide has one, so discrete guides work). For particle `k` the
+    baseline is the bound with `log w_k` replaced by the mean of the others' log weights;
+    it does not depend on `z_k`, so the estimator is unbiased for the IWELBO gradient.
+    Needs `K >= 2`.
+
+    Requires (checked when traced, naming the site; `VIMCO_GUIDE`): the guide's log
+    density is exact, and every guide site whose law depends on the parameters or
+    arguments uses the score function without a baseline of its own, or is a point mass
+    with a constant `log_density`. A per-site override to `px.reparam` (or any other
+    estimator, or a `px.Reinforce(baseline=...)`) is refused: the baselines would multiply
+    a derivative of `log q` that does not average to zero (a biased gradient).
 
     Reference: Mnih & Rezende 2016, "Variational inference for Monte Carlo objectives".
     """
     if not isinstance(num_particles, int) or num_particles < 2:
         raise ValueError(f"vimco needs num_particles >= 2, got {num_particles!r}.")
-    if not hasattr(guide, "default_estimator"):
-        raise TypeError(
-            "vimco needs a guide whose sites can be switched to the score function (a "
-            f"px.gen.NumPyroModel); got {type(guide).__name__}."
-        )
-    guide = dataclasses.replace(guide, default_estimator=reinforce)
+    if dataclasses.is_dataclass(guide) and any(
+            f.name == "default_estimator" for f in dataclasses.fields(guide)):
+        guide = dataclasses.replace(guide, default_estimator=reinforce)
     sg = lax.stop_gradient
     k = num_particles
 
     @expectation
     def objective(params, *args, **kwargs):
+        check_sites(VIMCO_GUIDE, guide, params, *args, **kwargs)
+
         def particle(carry, _):
             trace = guide.simulate(params, *args, **kwargs)
             log_w = model.assess(trace.choices, params, *args, **kwargs) - trace.log_density
