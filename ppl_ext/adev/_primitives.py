@@ -74,7 +74,7 @@ def _vmapped_sites_error(label: str, why: str) -> UnsupportedPrimitiveError:
     )
 
 
-def _batch_sample(axis_data, vals, dims, *, tree, label, **params):
+def _batch_sample(axis_data, vals, dims, *, tree, label, name=None, **params):
     """`jax.vmap` of a site: one independent draw per mapped element, as a plate would.
 
     The vmapped site becomes one batch-shaped site whose new leading batch axis is the
@@ -108,7 +108,7 @@ def _batch_sample(axis_data, vals, dims, *, tree, label, **params):
             raise _vmapped_sites_error(
                 label, f"its batched {type(distribution).__name__} has batch shape "
                 f"{batched.batch_shape}, not one led by the mapped axis ({size})")
-    return _bind_site(batched, estimator, label), 0
+    return _bind_site(batched, estimator, label, name), 0
 
 
 def _batch_nested(axis_data, vals, dims, *, jaxpr, label):
@@ -220,10 +220,13 @@ def sample(
     label = _site_label(name, distribution, estimator)
     if _plates:
         distribution = _apply_plates(distribution, label)
-    return _bind_site(distribution, estimator, label)
+    return _bind_site(distribution, estimator, label, name)
 
 
-def _bind_site(distribution: dist.Distribution, estimator: AbstractEstimator, label: str):
+def _bind_site(
+    distribution: dist.Distribution, estimator: AbstractEstimator, label: str,
+    name: str | None = None,
+):
     """Bind `sample_p` for a checked site: everything the interpreter needs is a parameter."""
     estimator.check(distribution, label)
     leaves, tree = jax.tree.flatten((distribution, estimator))
@@ -237,6 +240,7 @@ def _bind_site(distribution: dist.Distribution, estimator: AbstractEstimator, la
         pathwise=isinstance(estimator, Reparam) and not estimator.allow_discontinuous,
         checks=_runtime_checks(distribution, leaves),
         label=label,
+        name=name,
     )
 
 

@@ -113,7 +113,10 @@ class IWELBO(ObjectiveLoss):
 class VIMCO(ObjectiveLoss):
     """`numpyro.infer.SVI` loss: negative IWELBO(K) with VIMCO's leave-one-out baselines.
 
-    Every guide site uses the score function, so guides with discrete sites train; see
+    Guide sites default to the score function, so guides with discrete sites train; a
+    site whose estimator is overridden to something else (`estimators={"z": px.reparam}`,
+    `infer={"estimator": ...}`) is refused by name when traced, since VIMCO's
+    leave-one-out baselines are unbiased only for score-function sites; see
     `px.vi.vimco`. `num_inner` is K (at least 2).
 
     Example:

@@ -19,10 +19,19 @@ from ._objectives import (
     wake_p as wake_p,
     wake_q as wake_q,
 )
+from ._requirements import (
+    Site as Site,
+    SiteRequirement as SiteRequirement,
+    check_sites as check_sites,
+    simulate_sites as simulate_sites,
+)
 
 __all__ = [
     "Marginal",
     "Normalize",
+    "Site",
+    "SiteRequirement",
+    "check_sites",
     "diwhvi",
     "elbo",
     "hvi",
@@ -32,6 +41,7 @@ __all__ = [
     "marginal",
     "normalize",
     "renyi",
+    "simulate_sites",
     "symmetric_kl",
     "vimco",
     "wake_p",

@@ -21,7 +21,6 @@ its score), and `stop_gradient` and integer values carry none either.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -275,7 +274,6 @@ def _call(eqn, ins, where, sites):
     return [_union(ins) | body_outs] * len(eqn.outvars)
 
 
-_NAME = re.compile(r"^sample site (?P<q>['\"])(?P<name>.*?)(?P=q) \(")
 
 
 def _site(eqn, ins, where, sites: list[Site]) -> int:
@@ -305,8 +303,7 @@ def _site(eqn, ins, where, sites: list[Site]) -> int:
         kind = LOCAL
     baseline = isinstance(estimator, Reinforce) and estimator.baseline is not None
     label = params["label"]
-    match = _NAME.match(label)
-    sites.append(Site(label, match.group("name") if match else None,
+    sites.append(Site(label, params.get("name"),
                       type(estimator).__name__, kind, baseline, point_mass, law, weight, where))
     if law == 0:
         return 0
