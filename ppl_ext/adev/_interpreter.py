@@ -37,6 +37,7 @@ from jax.extend import core
 from jax._src import source_info_util
 
 from ._errors import UnsupportedEstimatorError, UnsupportedPrimitiveError
+from ._estimators import MVD, Enum
 from ._primitives import nested_p, sample_p
 from ._signs import fact_of, proves
 
@@ -279,14 +280,7 @@ def _run_from(jaxpr, start, env, scope: Scope, acc: Acc, cont: Cont | None):
                 "calls out of it, or write it with jit, cond/switch, scan, fori_loop or "
                 "while_loop."
             )
-        resume = None
-        if cont is not None:
-
-            def resume(outs, acc2, i=i, eqn=eqn):
-                env2 = dict(env)
-                _write(env2, eqn, outs)
-                return _run_from(jaxpr, i + 1, env2, scope, acc2, cont)
-
+        resume = None if cont is None else Resume(jaxpr, i, env, scope, cont)
         result = rule(eqn, invals, scope.keys[slot], acc, scope, resume)
         if isinstance(result, Final):
             return result.outs
@@ -294,6 +288,29 @@ def _run_from(jaxpr, start, env, scope: Scope, acc: Acc, cont: Cont | None):
         acc = result.acc
     outs = [_read(env, v) for v in jaxpr.outvars]
     return (outs, acc) if cont is None else cont(outs, acc)
+
+
+class Resume:
+    """The rest of the whole program after equation `index` of `jaxpr` (a continuation).
+
+    Calling it with the equation's outputs and the accumulators runs the program to its
+    end (through `cont`, the continuation of this jaxpr's scope). Its fields let a rule
+    see the program itself, not only run it (`_groups.py` evaluates it with tags).
+    """
+
+    __slots__ = ("jaxpr", "index", "env", "scope", "cont")
+
+    def __init__(self, jaxpr, index: int, env: dict, scope: Scope, cont: Cont):
+        self.jaxpr, self.index, self.env, self.scope, self.cont = jaxpr, index, env, scope, cont
+
+    @property
+    def eqn(self):
+        return self.jaxpr.eqns[self.index]
+
+    def __call__(self, outs, acc):
+        env = dict(self.env)
+        _write(env, self.eqn, outs)
+        return _run_from(self.jaxpr, self.index + 1, env, self.scope, acc, self.cont)
 
 
 def _where(where: tuple[str, ...]) -> str:
@@ -337,6 +354,16 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
             "do. Use px.reinforce (with a baseline) or px.reparam for this site, or write "
             "the loop as a Python for loop (unrolled)."
         )
+    if isinstance(estimator, (Enum, MVD)) and isinstance(resume, Resume):
+        from ._groups import NotSeparable, enumerate_group, mvd_group
+
+        try:  # plate-batched enum/mvd sites per element, evaluated on the user's program
+            if isinstance(estimator, Enum):
+                return Final(enumerate_group(distribution, resume, acc, dtype,
+                                             params["label"]))
+            return Final(mvd_group(distribution, resume, acc, key, dtype, params["label"]))
+        except NotSeparable:
+            pass  # the site's own estimator decides (joint evaluation or a refusal)
     fresh = zero_acc(scope.surrogate)
     outs, invalid = estimator.run(
         key, distribution, lambda x: resume([x], fresh), scope.surrogate, dtype,

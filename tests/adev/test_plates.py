@@ -127,8 +127,13 @@ PROGRAMS = {
 
 @pytest.fixture
 def factorised_calls(monkeypatch):
-    """Record whether each attempt at a per-element evaluation succeeded."""
-    from ppl_ext.adev import _estimators
+    """Record, per site, whether it was evaluated per element.
+
+    A plate-batched enum/mvd site first tries the group evaluation on the user's program
+    (`_groups.py`); if that does not apply, its estimator tries `_separated` on the
+    continuation. One entry per site: the group's success, else `_separated`'s verdict.
+    """
+    from ppl_ext.adev import _estimators, _groups
 
     calls = []
     original = _estimators._separated
@@ -138,7 +143,17 @@ def factorised_calls(monkeypatch):
         calls.append(result is not None)
         return result, reason
 
+    def group_spy(original_group):
+        def wrapped(*args):
+            result = original_group(*args)  # raises NotSeparable when it does not apply
+            calls.append(True)
+            return result
+
+        return wrapped
+
     monkeypatch.setattr(_estimators, "_separated", spy)
+    monkeypatch.setattr(_groups, "enumerate_group", group_spy(_groups.enumerate_group))
+    monkeypatch.setattr(_groups, "mvd_group", group_spy(_groups.mvd_group))
     return calls
 
 
