@@ -185,9 +185,12 @@ def sample(
       `px.Reinforce(baseline=b)`, `px.enum`, `px.mvd` or `px.LeaveOneOut(n)`. The default is
       `px.reparam` if the distribution has `rsample`, else `px.reinforce`. A `Delta` site
       (as autoguides emit) has no randomness and is always pathwise, whatever is chosen.
-      Score-function estimators refuse a continuous support whose bound is computed from
-      the program's inputs (e.g. `Uniform(0, theta)`): their gradient would miss the
-      boundary term.
+      Score-function estimators refuse a support that moves with the program's inputs
+      (`Uniform(0, theta)`, such a bound under a transform, wrapper or mixture, an
+      `AffineTransform(0, theta)` of a bounded base): their gradient would miss the
+      boundary term; and a point mass with a traced location inside the distribution's
+      tree. A `Reinforce` baseline may be a scalar or, for a plate-batched site, an array
+      of shape `(n,)` (one per element; a scalar is refused there).
     - `name`: optional, used in error messages.
 
     **Returns:** the drawn value, shaped `distribution.shape()`. Its randomness comes from
