@@ -311,12 +311,7 @@ def _run_frame(frame, env, acc, n):
         invals = [_read(env, a) for a in eqn.invars]
         slot = scope.slots.get(i)
         if slot is None:
-            if all(v.kind == P for v in invals):
-                outs = [sep.Val(P, arr=a) for a in sep._bind(eqn, [v.arr for v in invals])]
-            else:
-                rule = sep.RULES.get(eqn.primitive.name)
-                outs = rule(eqn, invals, n) if rule is not None else sep._mixed(eqn, invals)
-            _write(env, eqn, outs)
+            _write(env, eqn, sep.eval_eqn(eqn, invals, n))
             continue
         if eqn.primitive is not sample_p:
             what = "a nested expectation" if eqn.primitive is nested_p else (

@@ -38,6 +38,10 @@ from jax._src import source_info_util
 
 from ._errors import UnsupportedEstimatorError, UnsupportedPrimitiveError
 from ._estimators import MVD, Enum
+from ._analysis import eqn_has_sites as _eqn_has_sites  # noqa: F401 - re-exported
+from ._analysis import first_continuation_site, has_sites  # noqa: F401 - has_sites re-exported
+from ._analysis import slots as _slots
+from ._analysis import sub_jaxprs as _sub_jaxprs
 from ._primitives import nested_p, sample_p
 from ._signs import fact_of, proves
 
@@ -77,50 +81,6 @@ class Final(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- analysis
-
-
-def _sub_jaxprs(params: dict[str, Any]):
-    for value in params.values():
-        items = value if isinstance(value, (tuple, list)) else (value,)
-        for item in items:
-            if isinstance(item, core.ClosedJaxpr):
-                yield item.jaxpr
-            elif isinstance(item, core.Jaxpr):
-                yield item
-
-
-@functools.lru_cache(maxsize=8192)
-def has_sites(jaxpr: core.Jaxpr) -> bool:
-    """Whether `jaxpr` draws randomness (sample sites or nested expectations), recursively."""
-    return any(_eqn_has_sites(eqn) for eqn in jaxpr.eqns)
-
-
-def _eqn_has_sites(eqn) -> bool:
-    if eqn.primitive in (sample_p, nested_p):
-        return True
-    return any(has_sites(j) for j in _sub_jaxprs(eqn.params))
-
-
-@functools.lru_cache(maxsize=8192)
-def first_continuation_site(jaxpr: core.Jaxpr) -> str | None:
-    """Label of the first continuation-estimator site in `jaxpr` (nested expectations too)."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive is sample_p and eqn.params["continuation"]:
-            return eqn.params["label"]
-        for sub in _sub_jaxprs(eqn.params):
-            found = first_continuation_site(sub)
-            if found is not None:
-                return found
-    return None
-
-
-@functools.lru_cache(maxsize=8192)
-def _slots(jaxpr: core.Jaxpr) -> dict[int, int]:
-    slots: dict[int, int] = {}
-    for i, eqn in enumerate(jaxpr.eqns):
-        if _eqn_has_sites(eqn):
-            slots[i] = len(slots)
-    return slots
 
 
 def _closed(value) -> tuple[core.Jaxpr, list[Any]]:
@@ -379,8 +339,12 @@ def _at_depth(distribution, depth: int):
 
 
 def _parameter(distribution, check):
-    """The checked parameter of a site when it is not one of its operands."""
-    return _at_depth(distribution, check.depth).__dict__[check.name]
+    """The checked parameter of a site when it is not one of its operands.
+
+    Read as an attribute: a lazily computed parameter (numpyro's `lazy_property`, e.g. a
+    MultivariateNormal's `covariance_matrix`) is not kept when the site is flattened.
+    """
+    return getattr(_at_depth(distribution, check.depth), check.name)
 
 
 def _invalid_text(label: str, distribution, check) -> str:

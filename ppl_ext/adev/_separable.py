@@ -24,8 +24,15 @@ that value:
 
 Values are computed by binding the original primitives (so JAX's derivative rules apply,
 custom_jvp rules included); only separable values are kept un-reduced as `vec` (shape
-`(n,) + shape`). The rules are conservative: a primitive without a rule gives `X` whenever
-an input depends on the site, and callers fall back to joint evaluation (or refuse).
+`(n,) + shape`). This is an analysis on the engine of `_analysis.py` (`Separability`) that
+evaluates as it goes: an equation whose inputs are all plain is bound as is (whatever it
+contains), rules are keyed by primitive objects (`RULES`), and calls whose body sees the
+operands' shapes (jit, `eval_jaxpr`/closed_call, `jax.checkpoint`, custom_vmap, composite)
+are evaluated body first with the engine's generic call rule, so a plate sum under
+`jax.checkpoint` factorises as it does under `jit`. The rules are conservative: a primitive
+without a rule gives `X` whenever an input depends on the site, and so does every
+primitive with a sub-jaxpr that is not such a call (cond, scan, while, shard_map,
+custom_linear_solve, ...); callers fall back to joint evaluation (or refuse).
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax._src import source_info_util
 from jax.extend import core
+from jax.extend.core import primitives as _P
+
+from ._analysis import Analysis, Structure, support_check_p, transform_p
 
 P, L, S, X = "P", "L", "S", "X"
 
@@ -89,19 +99,33 @@ def _shape(var):
 
 # --------------------------------------------------------------------------------- rules
 
-_ELEMENTWISE = frozenset("""
+def _primitives(names: str) -> frozenset:
+    """The primitive objects of JAX with these names (`add` -> `add_p`); absent ones are
+    skipped (they then have no rule: conservative)."""
+    from jax._src.lax import lax as _lax_mod, special as _special_mod
+
+    found = set()
+    for name in names.split():
+        for module in (_P, _lax_mod, _special_mod):
+            prim = getattr(module, f"{name}_p", None)
+            if prim is not None:
+                found.add(prim)
+                break
+    return frozenset(found)
+
+
+_ELEMENTWISE = _primitives("""
 add sub mul div rem pow max min neg sign floor ceil round is_finite exp exp2 log log1p
 expm1 tanh logistic sin cos tan asin acos atan atan2 sinh cosh asinh acosh atanh sqrt rsqrt
 cbrt abs integer_pow square erf erfc erf_inv lgamma digamma igamma igammac igamma_grad_a
 random_gamma_grad polygamma zeta bessel_i0e bessel_i1e regularized_incomplete_beta eq ne lt
-le gt ge and or not xor select_n convert_element_type clamp stop_gradient copy copy_p
+le gt ge and or not xor select_n convert_element_type clamp stop_gradient copy
 nextafter population_count shift_left shift_right_logical shift_right_arithmetic real imag
 conj reduce_precision
-""".split())
+""")
 
 # linear maps of a separable value (with the other operands plain)
-_LINEAR_UNARY = frozenset({"neg", "convert_element_type", "stop_gradient", "copy", "copy_p",
-                           "reduce_precision"})
+_LINEAR_UNARY = _primitives("neg convert_element_type stop_gradient copy reduce_precision")
 
 
 def _elementwise(eqn, invals, n):
@@ -123,7 +147,7 @@ def _elementwise(eqn, invals, n):
 
 def _linear_elementwise(eqn, invals):
     """Linear maps of separable values: `S ± S`, `S ± P`, `P ± S`, `S·P`, `P·S`, `S/P`."""
-    name = eqn.primitive.name
+    prim = eqn.primitive
     if any(v.kind == L for v in invals):
         return _mixed(eqn, invals)
     out_shape = _shape(eqn.outvars[0])
@@ -136,17 +160,17 @@ def _linear_elementwise(eqn, invals):
         vec = jnp.broadcast_to(lift(vec), vec.shape[:1] + out_shape)
         return [Val(S, vec=vec, const=jnp.broadcast_to(const, out_shape))]
 
-    if name in _LINEAR_UNARY and len(invals) == 1:
+    if prim in _LINEAR_UNARY and len(invals) == 1:
         (v,) = invals
-        if name == "convert_element_type" and not jnp.issubdtype(
+        if prim is _P.convert_element_type_p and not jnp.issubdtype(
                 eqn.params["new_dtype"], jnp.inexact):
             return _mixed(eqn, invals)
         return result(_bind(eqn, [v.vec])[0], _bind(eqn, [v.const])[0])
     if len(invals) != 2:
         return _mixed(eqn, invals)
     a, b = invals
-    if name in ("add", "sub"):
-        sign = 1 if name == "add" else -1
+    if prim in (_P.add_p, _P.sub_p):
+        sign = 1 if prim is _P.add_p else -1
         if a.kind == S and b.kind == S:
             vec = lift(a.vec) + lift(b.vec) if sign > 0 else lift(a.vec) - lift(b.vec)
             return result(vec, a.const + b.const if sign > 0 else a.const - b.const)
@@ -154,10 +178,10 @@ def _linear_elementwise(eqn, invals):
             return result(a.vec, a.const + b.arr if sign > 0 else a.const - b.arr)
         return result(b.vec if sign > 0 else -b.vec,
                       a.arr + b.const if sign > 0 else a.arr - b.const)
-    if name == "mul" and {a.kind, b.kind} == {S, P}:
+    if prim is _P.mul_p and {a.kind, b.kind} == {S, P}:
         s_val, p_val = (a, b) if a.kind == S else (b, a)
         return result(lift(s_val.vec) * p_val.arr, s_val.const * p_val.arr)
-    if name == "div" and a.kind == S and b.kind == P:
+    if prim is _P.div_p and a.kind == S and b.kind == P:
         return result(lift(a.vec) / b.arr, a.const / b.arr)
     return _mixed(eqn, invals)
 
@@ -165,19 +189,19 @@ def _linear_elementwise(eqn, invals):
 def _reduce(eqn, invals, n):
     (v,) = invals
     axes = tuple(eqn.params["axes"])
-    name = eqn.primitive.name
+    is_sum = eqn.primitive is _P.reduce_sum_p
     if v.kind == L:
         if v.axis not in axes:
             new_axis = v.axis - sum(a < v.axis for a in axes)
             return _locals(eqn, invals, [new_axis] * len(eqn.outvars))
-        if name != "reduce_sum":
+        if not is_sum:
             return _mixed(eqn, invals)
         others = tuple(a for a in axes if a != v.axis)
         vec = jnp.sum(v.arr, axis=others) if others else v.arr
         vec = jnp.moveaxis(vec, v.axis - sum(a < v.axis for a in others), 0)
         out_shape = _shape(eqn.outvars[0])
         return [Val(S, vec=vec, const=jnp.zeros(out_shape, vec.dtype))]
-    if v.kind == S and name == "reduce_sum":
+    if v.kind == S and is_sum:
         vec = jnp.sum(v.vec, axis=tuple(a + 1 for a in axes))
         return [Val(S, vec=vec, const=jnp.sum(v.const, axis=axes))]
     return _mixed(eqn, invals)
@@ -213,7 +237,7 @@ def _mapped_axis(in_shape, out_shape, axis):
 def _reshape(eqn, invals, n):
     v = invals[0]
     if any(w.kind != P for w in invals[1:]) or eqn.params.get("dimensions") not in (None,) \
-            and eqn.primitive.name == "reshape":
+            and eqn.primitive is _P.reshape_p:
         return _mixed(eqn, invals)
     out_shape = _shape(eqn.outvars[0])
     in_shape = _shape(eqn.invars[0])
@@ -366,31 +390,14 @@ def _dot_general(eqn, invals, n):
     return _locals(eqn, invals, [placed[0][1]])
 
 
-def _sub_jaxpr(eqn):
-    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        value = eqn.params.get(name)
-        if isinstance(value, core.ClosedJaxpr):
-            return value.jaxpr, list(value.consts)
-        if isinstance(value, core.Jaxpr):
-            return value, []
-    return None
-
-
-def _call(eqn, invals, n):
-    """jit / closed_call / remat: evaluate the body with tagged values."""
-    jaxpr, consts = _sub_jaxpr(eqn)
-    return _eval(jaxpr, [Val(P, arr=c) for c in consts], invals, n)
-
-
 def _custom(eqn, invals, n):
     """custom_jvp/custom_vjp: keep the custom rule; tags from the body."""
     if any(v.kind in (S, X) for v in invals):
         return _mixed(eqn, invals)
-    sub = _sub_jaxpr(eqn)
-    if sub is None:
+    body = eqn.params.get("call_jaxpr")
+    if body is None:
         return _mixed(eqn, invals)
-    jaxpr, consts = sub
-    tagged = _eval(jaxpr, [Val(P, arr=c) for c in consts], invals, n)  # tags only (dead code)
+    tagged = Separability(n).run_closed(body, invals)  # tags only (dead code)
     outs = _bind(eqn, [v.array() for v in invals])
     result = []
     for arr, t in zip(outs, tagged, strict=True):
@@ -403,47 +410,85 @@ def _custom(eqn, invals, n):
     return result
 
 
-RULES = {name: _elementwise for name in _ELEMENTWISE}
+def _support_check(eqn, invals, n):
+    """The support-check and transform marks are the identity on operand 0."""
+    (out,) = _bind(eqn, [v.array() for v in invals])
+    first = invals[0]
+    if first.kind == L:
+        return [Val(L, arr=out, axis=first.axis)]
+    if first.kind == P:
+        return [Val(P, arr=out)]
+    if first.kind == S:  # the identity: keep the per-element terms
+        return [Val(S, vec=first.vec, const=first.const, arr=out)]
+    return [Val(X, arr=out, culprit=first.culprit or _where_eqn(eqn))]
+
+
+RULES = {prim: _elementwise for prim in _ELEMENTWISE}
 RULES.update({
-    "reduce_sum": _reduce, "reduce_max": _reduce, "reduce_min": _reduce,
-    "reduce_prod": _reduce, "reduce_and": _reduce, "reduce_or": _reduce,
-    "argmax": _reduce, "argmin": _reduce,
-    "cumsum": _axis_param("axis"), "cumprod": _axis_param("axis"),
-    "cummax": _axis_param("axis"), "cummin": _axis_param("axis"),
-    "cumlogsumexp": _axis_param("axis"), "sort": _axis_param("dimension"),
-    "split": _axis_param("axis"),
-    "reshape": _reshape, "squeeze": _reshape, "expand_dims": _reshape,
-    "broadcast_in_dim": _broadcast_in_dim, "transpose": _transpose,
-    "slice": _slice, "dynamic_slice": _dynamic_slice, "concatenate": _concatenate,
-    "stack": _stack,
-    "pad": _pad, "gather": _gather, "dot_general": _dot_general,
-    "jit": _call, "pjit": _call, "closed_call": _call, "checkpoint": _call, "remat": _call,
-    "custom_jvp_call": _custom, "custom_vjp_call": _custom,
+    _P.reduce_sum_p: _reduce, _P.reduce_max_p: _reduce, _P.reduce_min_p: _reduce,
+    _P.reduce_prod_p: _reduce, _P.reduce_and_p: _reduce, _P.reduce_or_p: _reduce,
+    _P.argmax_p: _reduce, _P.argmin_p: _reduce,
+    _P.cumsum_p: _axis_param("axis"), _P.cumprod_p: _axis_param("axis"),
+    _P.cummax_p: _axis_param("axis"), _P.cummin_p: _axis_param("axis"),
+    _P.cumlogsumexp_p: _axis_param("axis"), _P.sort_p: _axis_param("dimension"),
+    _P.reshape_p: _reshape, _P.squeeze_p: _reshape,
+    _P.broadcast_in_dim_p: _broadcast_in_dim, _P.transpose_p: _transpose,
+    _P.slice_p: _slice, _P.dynamic_slice_p: _dynamic_slice,
+    _P.concatenate_p: _concatenate, _P.pad_p: _pad, _P.gather_p: _gather,
+    _P.dot_general_p: _dot_general,
+    _P.custom_jvp_call_p: _custom, _P.custom_vjp_call_p: _custom,
+    support_check_p: _support_check, transform_p: _support_check,
 })
+for _prim in _primitives("split"):
+    RULES[_prim] = _axis_param("axis")
+for _prim in _primitives("stack"):
+    RULES[_prim] = _stack
+
+
+class Separability(Analysis):
+    """Evaluation with tags `P`/`L`/`S`/`X` (see the module docstring); `n` elements."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def follows(self, structure: Structure) -> bool:
+        return structure.kind == "call" and structure.same_shapes
+
+    def literal(self, value):
+        return Val(P, arr=value)
+
+    def join(self, a, b):  # pragma: no cover - no branches or loops are followed
+        raise NotImplementedError
+
+    def shortcut(self, eqn, ins):
+        if all(v.kind == P for v in ins):
+            return [Val(P, arr=a) for a in _bind(eqn, [v.arr for v in ins])]
+        return None
+
+    def default(self, eqn, ins):
+        return _mixed(eqn, ins)
+
+    def opaque(self, eqn, ins):
+        return _mixed(eqn, ins)
+
+    def eqn(self, eqn, ins):
+        outs = self.shortcut(eqn, ins)
+        if outs is not None:
+            return outs
+        rule = RULES.get(eqn.primitive)
+        if rule is not None:
+            return rule(eqn, ins, self.n)
+        return super().eqn(eqn, ins)
+
+
+def eval_eqn(eqn, invals: list[Val], n: int) -> list[Val]:
+    """The tagged outputs of one equation (for interpreters that walk jaxprs themselves)."""
+    return Separability(n).eqn(eqn, invals)
 
 
 def _eval(jaxpr, consts: list[Val], args: list[Val], n: int) -> list[Val]:
-    env: dict[Any, Val] = {}
-    for var, val in zip(jaxpr.constvars, consts, strict=True):
-        env[var] = val
-    for var, val in zip(jaxpr.invars, args, strict=True):
-        env[var] = val
-
-    def read(atom):
-        if isinstance(atom, core.Literal):
-            return Val(P, arr=atom.val)
-        return env[atom]
-
-    for eqn in jaxpr.eqns:
-        invals = [read(a) for a in eqn.invars]
-        if all(v.kind == P for v in invals):
-            outs = [Val(P, arr=a) for a in _bind(eqn, [v.arr for v in invals])]
-        else:
-            rule = RULES.get(eqn.primitive.name)
-            outs = rule(eqn, invals, n) if rule is not None else _mixed(eqn, invals)
-        for var, val in zip(eqn.outvars, outs, strict=True):
-            env[var] = val
-    return [read(a) for a in jaxpr.outvars]
+    """The tagged outputs of `jaxpr` from tagged constants and arguments."""
+    return Separability(n).run(jaxpr, consts, args)
 
 
 def separate(closed: core.ClosedJaxpr, value, other_args, n: int) -> list[Val]:
@@ -453,4 +498,4 @@ def separate(closed: core.ClosedJaxpr, value, other_args, n: int) -> list[Val]:
     `const`) or `X` (with `culprit`). Every output's value is available as `.array()`.
     """
     args = [Val(L, arr=value, axis=0)] + [Val(P, arr=a) for a in other_args]
-    return _eval(closed.jaxpr, [Val(P, arr=c) for c in closed.consts], args, n)
+    return Separability(n).run_closed(closed, args)

@@ -346,3 +346,17 @@ def test_transformed_delta_is_pathwise():
     f = px.expectation(lambda t: px.sample(
         dist.TransformedDistribution(dist.Delta(t), ExpTransform()), px.reinforce))
     assert float(f.grad(jax.random.key(0), 0.4)) == pytest.approx(float(jnp.exp(0.4)), rel=1e-6)
+
+
+def test_lazily_computed_parameter_is_checked():
+    # MultivariateNormal(loc, covariance_matrix) keeps covariance_matrix as a lazy
+    # property; its run-time check read it from the flattened site (a KeyError before)
+    def program(loc, cov):
+        d = dist.MultivariateNormal(loc, covariance_matrix=cov, validate_args=True)
+        return jnp.sum(px.sample(d, name="mvn") ** 2)
+
+    f = px.expectation(program)
+    loc = jnp.zeros(2)
+    assert jnp.isfinite(f.grad(jax.random.key(0), loc, jnp.eye(2))[0]).all()
+    with pytest.raises(px.InvalidParameterError, match="'mvn'"):
+        f.grad(jax.random.key(0), loc, -jnp.eye(2))
