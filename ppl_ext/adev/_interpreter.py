@@ -157,7 +157,8 @@ def _open_checks(jaxpr: core.Jaxpr, eqn) -> list:
     """The parameter checks of a site that the program does not already guarantee."""
     open_checks = []
     for check in eqn.params["checks"]:
-        if check.index >= 0 and proves(fact_of(jaxpr, eqn.invars[check.index]),
+        strict = not eqn.params["pathwise"]  # a draw that can hide a NaN parameter
+        if check.index >= 0 and proves(fact_of(jaxpr, eqn.invars[check.index], strict),
                                        check.constraint.value):
             continue
         open_checks.append(check)

@@ -17,10 +17,17 @@ variable, which of these hold for every element, in floating point:
 - `"unit"`: in `[0, 1]` (implies `"nonneg"` and `"fin"`);
 - `"gtm1"`: `> -1` (implied by `"nonneg"`; where `log1p` is finite).
 
-The one assumption is that the program's inputs are not NaN (a NaN input makes the
-estimate NaN whatever is checked); inputs may be infinite, and NaN that the program itself
-creates (`0 * inf`, `inf - inf`, `inf / inf`, a max with such a value) is tracked: a fact
-needs its operands to rule it out. Floating point is taken literally: `exp(x)` and a
+Two readings of NaN. `facts(jaxpr)` uses `CHECKS`: facts about the elements that are *not
+NaN* (`"num"` is then vacuous). The run-time checks of a reparameterised site use it: a
+NaN parameter makes its draw NaN, and so the estimate NaN (never a finite wrong value), as
+in NumPyro, which checks no traced parameter; this keeps host callbacks out of ordinary
+training steps (an MLP's output could be NaN only through overflow or a NaN weight). The
+checks of every other site use `strict_facts`, since their draws can hide a NaN (a
+Bernoulli with NaN probabilities draws 0).
+`strict_facts(jaxpr)` tracks NaN: the program's inputs are assumed not NaN, inputs may be
+infinite, and NaN that the program itself creates (`0 * inf`, `inf - inf`, `inf / inf`, a
+max with such a value) needs its operands to rule it out. In both readings a finite
+invalid value is never proven valid. Floating point is taken literally: `exp(x)` and a
 product of positives may underflow to 0 (only `"nonneg"`), a sum of positives may
 overflow to `+inf` (still `"pos"`), a narrowing cast (f32 to f16/bf16, f64 to f32) or
 `reduce_precision` may underflow to 0 or overflow, a max/min/sum over an empty axis is
@@ -633,8 +640,9 @@ class Signs(Analysis):
 
     rules = RULES
 
-    def __init__(self, exact: bool = False):
+    def __init__(self, exact: bool = False, nan_agnostic: bool = False):
         self.exact = exact
+        self.nan_agnostic = nan_agnostic
 
     def literal(self, value):
         facts = _literal(value)
@@ -673,15 +681,21 @@ class Signs(Analysis):
                 if _is_float(_dtype_of(a))):
             outs = [f | FIN if _is_float(_dtype_of(v)) else f
                     for f, v in zip(outs, eqn.outvars, strict=True)]
-        return [f | dtype_facts(_dtype_of(v)) for f, v in zip(outs, eqn.outvars, strict=True)]
+        outs = [f | dtype_facts(_dtype_of(v)) for f, v in zip(outs, eqn.outvars, strict=True)]
+        if self.nan_agnostic:  # facts about the elements that are not NaN
+            outs = [f | NUM if _is_float(_dtype_of(v)) else f
+                    for f, v in zip(outs, eqn.outvars, strict=True)]
+        return outs
 
     def input(self, var) -> frozenset:
         """Facts of an input: not NaN (the assumption), and what its dtype guarantees."""
-        return NUM | dtype_facts(_dtype_of(var))
+        return NUM | dtype_facts(_dtype_of(var))  # (for CHECKS: vacuous, NaN-agnostic)
 
 
 _FLOAT = Signs(exact=False)
 EXACT = Signs(exact=True)
+#: What the run-time parameter checks use: facts about the elements that are not NaN.
+CHECKS = Signs(nan_agnostic=True)
 
 
 def _is_program(jaxpr) -> bool:
@@ -693,7 +707,23 @@ def _is_program(jaxpr) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def facts(jaxpr: core.Jaxpr) -> dict:
-    """`{var: facts}` for every variable of `jaxpr`.
+    """`{var: facts}` for every variable of `jaxpr`, for the run-time parameter checks.
+
+    These are facts about the elements that are not NaN (`CHECKS`): a check that could
+    only fail on a NaN is not compiled, so a NaN parameter, whether an input or made by the
+    program (`inf - inf`), gives a NaN estimate, as in NumPyro (which checks no traced
+    parameter), never a finite wrong one. A finite invalid value (a fill value, a value
+    that underflows to 0 in a narrowing cast, an integer that wraps around) is never
+    proven valid. Inputs of the whole program and of sub-jaxprs analysed on their own have
+    the facts of their dtypes.
+    """
+    entry = [CHECKS.input(v) for v in jaxpr.constvars], [CHECKS.input(v) for v in jaxpr.invars]
+    return CHECKS.env(jaxpr, *entry)
+
+
+@functools.lru_cache(maxsize=1024)
+def strict_facts(jaxpr: core.Jaxpr) -> dict:
+    """`{var: facts}` in floating point with NaN tracked (`"num"` is a real fact here).
 
     The inputs of a whole program are assumed not NaN; the inputs of a sub-jaxpr (a loop
     body, a branch, a jit body analysed on its own) have only their dtype's facts, since
@@ -708,11 +738,17 @@ def facts(jaxpr: core.Jaxpr) -> dict:
                       [entry(v) for v in jaxpr.invars])
 
 
-def fact_of(jaxpr: core.Jaxpr, atom) -> frozenset:
-    """The facts of one input of an equation of `jaxpr` (a variable or a literal)."""
+def fact_of(jaxpr: core.Jaxpr, atom, strict: bool = False) -> frozenset:
+    """The facts of one input of an equation of `jaxpr` (a variable or a literal).
+
+    `strict=False` reads facts about the elements that are not NaN (`facts`), for a site
+    whose draw carries a NaN parameter into the estimate (a reparameterised draw is a
+    continuous function of its parameters); `strict=True` tracks NaN (`strict_facts`), for
+    sites whose draw can hide one (a Bernoulli with NaN probabilities draws 0).
+    """
     if isinstance(atom, core.Literal):
         return _FLOAT.literal(atom.val)
-    return facts(jaxpr).get(atom, NONE)
+    return (strict_facts(jaxpr) if strict else facts(jaxpr)).get(atom, NONE)
 
 
 def proves(fact: frozenset, constraint) -> bool:
