@@ -380,16 +380,28 @@ def _member(distribution, dist_tags, n, value=None) -> bool:
         values = _element_values(distribution, "a group member", dtype)
         value = jnp.broadcast_to(values[0], (n,) + values.shape[1:])
     treedef = jax.tree.structure(distribution)
+    verdict: list[bool] = []
 
-    def element_log_density(leaves):
-        law = _law(jax.tree.unflatten(treedef, leaves), "a group member")
-        return _element_log_density(law, value[None], n)[0]
+    def abstract(leaves, value):
+        # the verdict depends on shapes and tags only: decide it on abstract values, out
+        # of the enclosing vmaps (binding under them costs a batching pass per level)
+        def element_log_density(leaves):
+            law = _law(jax.tree.unflatten(treedef, leaves), "a group member")
+            return _element_log_density(law, value[None], n)[0]
 
-    try:
-        out = _tagged_call(element_log_density, dist_tags, n)
-    except NotSeparable:
-        return False
-    return out.kind == P or (out.kind == L and out.axis == 0)
+        tagged = [sep.Val(v.kind, arr=leaf, axis=v.axis) for v, leaf in zip(dist_tags, leaves)]
+        try:
+            out = _tagged_call(element_log_density, tagged, n)
+            verdict.append(out.kind == P or (out.kind == L and out.axis == 0))
+        except NotSeparable:
+            verdict.append(False)
+        return jnp.zeros(())
+
+    def spec(x):
+        return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+    jax.eval_shape(abstract, [spec(v.array()) for v in dist_tags], spec(value))
+    return verdict[0]
 
 
 def _tagged_call(fn, tagged_args, n):
