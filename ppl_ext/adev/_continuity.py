@@ -827,13 +827,7 @@ class Continuity(Analysis):
         if not isinstance(value.taint, Path):
             return [mask]  # a step, or a mask that depends on the draws through the bounds
 
-        def resolve(ref):
-            atom = eqn.invars[2 + ref[1]]
-            if isinstance(atom, core.Literal):
-                return self.literal(atom.val).canon or ("unknown",)
-            c = ins[2 + ref[1]]
-            return ("canon", c.canon if c.canon is not None else atom)
-
+        resolve = self._resolver(eqn, ins)
         checked = _resolve(eqn.params["spec"], resolve)
         if self._accepted(checked, value, eqn):
             return [CVal(None, mask.facts, None)]
@@ -843,11 +837,8 @@ class Continuity(Analysis):
         step = Step(value.taint.site, what, _user_where(eqn, self._stack), self._keys(eqn))
         return [CVal(step, mask.facts, None)]
 
-    def _transform(self, eqn, ins):
-        y, x = ins[0], ins[1]
-        if y.taint is None or not isinstance(x.taint, (Path, type(None))):
-            return [y]
-        out = y if y.canon is not None else y._replace(canon=eqn.outvars[0])
+    def _resolver(self, eqn, ins):
+        """Resolve a constraint spec's references to the equation's bound operands."""
 
         def resolve(ref):
             atom = eqn.invars[2 + ref[1]]
@@ -856,6 +847,15 @@ class Continuity(Analysis):
             c = ins[2 + ref[1]]
             return ("canon", c.canon if c.canon is not None else atom)
 
+        return resolve
+
+    def _transform(self, eqn, ins):
+        y, x = ins[0], ins[1]
+        if y.taint is None or not isinstance(x.taint, (Path, type(None))):
+            return [y]
+        out = y if y.canon is not None else y._replace(canon=eqn.outvars[0])
+
+        resolve = self._resolver(eqn, ins)
         spec_in = _resolve(eqn.params["spec_in"], resolve)
         if x.taint is not None and self._accepted(spec_in, x, eqn):
             out = out._replace(canon=eqn.outvars[0],

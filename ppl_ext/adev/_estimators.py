@@ -642,13 +642,12 @@ class MVD(AbstractContinuationEstimator):
         return result, jnp.maximum(invalid, first_invalid(alt_invalid))
 
 
-def _mvd_factorised(x, terms, k, shape, dtype):
-    """MVD with every element perturbed at once, when `k` is a sum of per-element terms.
+def mvd_alternatives(x, terms, shape, dtype):
+    """`x` and its perturbations with entry `j` changed in *every* element: `(A,) + shape`.
 
-    Element `i` of batch axis 0 has `m` entries; entry `(i, j)`'s perturbation changes
-    only `g_i`, so one evaluation with entry `j` perturbed in *every* element gives all
-    `n` differences `g_i(x⁺) - g_i(x⁻)` at once: `m` (times the number of alternative
-    values per entry) evaluations instead of `n · m`.
+    Returns the stacked alternatives and, per term, `(element of each entry, (rows of the
+    plus values, rows of the minus values or None))`; None when a term's entries are not
+    laid out element by element.
     """
     n = shape[0]
     m = math.prod(shape[1:])
@@ -673,7 +672,22 @@ def _mvd_factorised(x, terms, k, shape, dtype):
             rows.append(offset + slot)
             offset += num_slots
         layout.append((element // m, rows))
-    stacked = jnp.concatenate(alternatives, 0).reshape((-1,) + shape)
+    return jnp.concatenate(alternatives, 0).reshape((-1,) + shape), layout
+
+
+def _mvd_factorised(x, terms, k, shape, dtype):
+    """MVD with every element perturbed at once, when `k` is a sum of per-element terms.
+
+    Element `i` of batch axis 0 has `m` entries; entry `(i, j)`'s perturbation changes
+    only `g_i`, so one evaluation with entry `j` perturbed in *every* element gives all
+    `n` differences `g_i(x⁺) - g_i(x⁻)` at once: `m` (times the number of alternative
+    values per entry) evaluations instead of `n · m`.
+    """
+    n = shape[0]
+    perturbed = mvd_alternatives(x, terms, shape, dtype)
+    if perturbed is None:
+        return None
+    stacked, layout = perturbed
     sep, _ = _separated(k, stacked, n)
     if sep is None:
         return None

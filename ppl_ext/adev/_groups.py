@@ -32,9 +32,6 @@ sites. The result is exact: `E[k] = Σ_i Σ_{u_1..u_m} Π_j q_{j,i}(u_j | ...) g
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.extend import core
@@ -52,6 +49,7 @@ from ._estimators import (
     _mvd_terms,
     _univariate_base,
     first_invalid,
+    mvd_alternatives,
 )
 from ._primitives import nested_p, sample_p
 
@@ -115,17 +113,7 @@ def _enumerate(distribution, frame, env, dtype, site, n):
     values = _element_values(distribution, site, dtype)  # (V,) + shape[1:]
     alternatives = jnp.broadcast_to(values[:, None], (values.shape[0], n) + values.shape[1:])
     weights = _element_mass(_law(distribution, site), alternatives, n)  # (V, n), unclamped
-    tags: list = []
-
-    def evaluate(alternative):
-        env2 = dict(env)
-        _write(env2, frame.eqn, [sep.Val(L, arr=alternative, axis=0)])
-        outs, score, baseline, invalid = _run(frame, env2, n)
-        tags[:] = [v.kind for v in outs]
-        leaves = [(v.vec, v.const) if v.kind == S else v.arr for v in outs]
-        return leaves, score, baseline, invalid
-
-    leaves, score, baseline, invalid = jax.vmap(evaluate)(alternatives)
+    tags, leaves, score, baseline, invalid = _evaluate(frame, env, alternatives, n)
     outs = []
     for kind, leaf in zip(tags, leaves, strict=True):
         if kind == P:
@@ -134,10 +122,7 @@ def _enumerate(distribution, frame, env, dtype, site, n):
             vec, const = leaf
             outs.append(sep.Val(S, vec=_per_element_sum(weights, vec), const=const[0]))
 
-    def first(a):  # accumulators of sites whose laws do not depend on the group
-        return None if a is None else a[0]
-
-    return outs, first(score), first(baseline), first_invalid(invalid)
+    return outs, _first(score), _first(baseline), first_invalid(invalid)
 
 
 def mvd_group(distribution, resume, acc, key, dtype, site: str):
@@ -174,20 +159,13 @@ def _mvd(distribution, frame, env, x, key, site, n):
     dtype = x.dtype
     if surrogate:
         terms = _mvd_terms(_univariate_base(_law(distribution, site)), shape, x.reshape(-1), key)
-        stacked, layout = _mvd_alternatives(x, terms, shape, dtype)
+        perturbed = mvd_alternatives(x, terms, shape, dtype)
+        if perturbed is None:
+            raise NotSeparable("the weak derivative's entries are not laid out per element")
+        stacked, layout = perturbed
     else:
         terms, layout, stacked = [], [], x[None]
-    tags: list = []
-
-    def evaluate(alternative):
-        env2 = dict(env)
-        _write(env2, frame.eqn, [sep.Val(L, arr=alternative, axis=0)])
-        outs, score, baseline, invalid = _run(frame, env2, n)
-        tags[:] = [v.kind for v in outs]
-        leaves = [(v.vec, v.const) if v.kind == S else v.arr for v in outs]
-        return leaves, score, baseline, invalid
-
-    leaves, score, baseline, invalid = jax.vmap(evaluate)(stacked)
+    tags, leaves, score, baseline, invalid = _evaluate(frame, env, stacked, n)
     outs = []
     for kind, leaf in zip(tags, leaves, strict=True):
         if kind == P:  # does not depend on the group: no correction
@@ -207,42 +185,34 @@ def _mvd(distribution, frame, env, x, key, site, n):
                                             num_segments=n)
         outs.append(sep.Val(S, vec=out, const=const[0]))
 
-    def first(a):
-        return None if a is None else a[0]
-
-    return outs, first(score), first(baseline), first_invalid(invalid)
+    return outs, _first(score), _first(baseline), first_invalid(invalid)
 
 
-def _mvd_alternatives(x, terms, shape, dtype):
-    """`x` and its perturbations with entry `j` changed in every element: `(A,) + shape`.
+def _first(accumulator):
+    """One alternative's accumulator: the sites scored after a member do not depend on the
+    group's values (their laws are plain), so every alternative has the same."""
+    return None if accumulator is None else accumulator[0]
 
-    Returns the stacked alternatives and, per term, `(element of each entry, (rows of the
-    plus values, rows of the minus values or None))`.
+
+def _evaluate(frame, env, alternatives, n):
+    """The tagged rest of the program for each alternative value of `frame`'s site.
+
+    Vectorised over the leading axis of `alternatives`: returns the output kinds (`P` or
+    `S`), their arrays (`arr`, or `(vec, const)` for `S`) and the accumulators, each with
+    that leading axis.
     """
-    n = shape[0]
-    m = math.prod(shape[1:])
-    x_flat = x.reshape(-1)
-    alternatives, layout = [x_flat[None]], []
-    offset = 1
-    for term in terms:
-        per_entry = term.element.size // (n * m)
-        element = np.asarray(term.element)
-        if not np.array_equal(element, np.repeat(np.arange(n * m), per_entry)):
-            raise NotSeparable("the weak derivative's entries are not laid out per element")
-        rank = np.arange(element.size) % per_entry
-        slot = (element % m) * per_entry + rank  # which alternative changes this entry
-        num_slots = m * per_entry
-        rows = []
-        for values in (term.plus, term.minus):
-            if values is None:
-                rows.append(None)
-                continue
-            alt = jnp.tile(x_flat, (num_slots, 1)).at[slot, element].set(values.astype(dtype))
-            alternatives.append(alt)
-            rows.append(offset + slot)
-            offset += num_slots
-        layout.append((element // m, rows))
-    return jnp.concatenate(alternatives, 0).reshape((-1,) + shape), layout
+    tags: list = []
+
+    def evaluate(alternative):
+        env2 = dict(env)
+        _write(env2, frame.eqn, [sep.Val(L, arr=alternative, axis=0)])
+        outs, score, baseline, invalid = _run(frame, env2, n)
+        tags[:] = [v.kind for v in outs]
+        leaves = [(v.vec, v.const) if v.kind == S else v.arr for v in outs]
+        return leaves, score, baseline, invalid
+
+    leaves, score, baseline, invalid = jax.vmap(evaluate)(alternatives)
+    return tags, leaves, score, baseline, invalid
 
 
 def _per_element_sum(weights, vec):
