@@ -168,13 +168,26 @@ def build_ppl_ext(program: str, n: int, validate_args=None):
     prog = _program(
         shape, n, lambda th: px.sample(dist.Normal(th, 1.0, validate_args=validate_args), est))
     f = px.expectation(prog)
-    # `f.grad` calls the jitted `f._grad`; lowering and compiling that very object fills
-    # the cache that `f.grad` hits. (Fallback if the attribute is ever renamed.)
+    # `f.grad` calls the jitted `f._grad(argnums, ...)`; lowering and compiling that very
+    # object fills the cache that `f.grad` hits. (Fallback if the attribute is renamed.)
     jitted = getattr(f, "_grad", None)
     if not hasattr(jitted, "lower"):
         jitted = jax.jit(f.grad)
         return jitted, jitted
-    return jitted, f.grad
+    return _FirstArgument(jitted), f.grad
+
+
+class _FirstArgument:
+    """`f._grad` with `argnums=1` bound, keeping `.lower` (compile-time measurement)."""
+
+    def __init__(self, jitted):
+        self.jitted = jitted
+
+    def __call__(self, *args):
+        return self.jitted(1, *args)
+
+    def lower(self, *args):
+        return self.jitted.lower(1, *args)
 
 
 @functools.cache

@@ -83,7 +83,7 @@ def assert_objective_unbiased(objective, params, exact, *args, what: str = ""):
     assert_unbiased(values, exact(params, *args), what=f"{what} value")
     exact_grads = jax.grad(exact)(params, *args)
     for name in params:
-        assert_unbiased(grads[0][name], exact_grads[name], what=f"{what} d/d{name}")
+        assert_unbiased(grads[name], exact_grads[name], what=f"{what} d/d{name}")
 
 
 # --------------------------------------------- a one-coin model with exactly computable bounds

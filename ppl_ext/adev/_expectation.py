@@ -155,8 +155,8 @@ class Expectation:
         functools.update_wrapper(self, fn)
         self._messages: list[str] = []  # run-time check messages, indexed by `invalid`
         self._estimate = jax.jit(self._estimate_impl)
-        self._grad = jax.jit(self._grad_impl)
-        self._value_and_grad = jax.jit(self._value_and_grad_impl)
+        self._grad = jax.jit(self._grad_impl, static_argnums=0)
+        self._value_and_grad = jax.jit(self._value_and_grad_impl, static_argnums=0)
 
     def __call__(self, *args, **kwargs):
         if inside_expectation():
@@ -216,35 +216,67 @@ class Expectation:
             )
         return out, invalid
 
-    def _argnums(self, args):
-        if not args:
-            raise TypeError("grad needs at least one argument after the key.")
-        return tuple(range(1, len(args) + 1))
+    def _grad_impl(self, argnums, key, *args, **kwargs):
+        positions = _positions(argnums, len(args))
+        grads, invalid = jax.grad(self._scalar, argnums=positions, has_aux=True)(
+            key, *args, **kwargs
+        )
+        return (grads[0] if isinstance(argnums, int) else grads), invalid
 
-    def _grad_impl(self, key, *args, **kwargs):
-        grads, invalid = jax.grad(
-            self._scalar, argnums=self._argnums(args), has_aux=True
-        )(key, *args, **kwargs)
-        return (grads[0] if len(args) == 1 else grads), invalid
+    def _value_and_grad_impl(self, argnums, key, *args, **kwargs):
+        positions = _positions(argnums, len(args))
+        (value, grads), invalid = _value_and_grad_aux(self._scalar, positions)(
+            key, *args, **kwargs
+        )
+        return (value, (grads[0] if isinstance(argnums, int) else grads)), invalid
 
-    def _value_and_grad_impl(self, key, *args, **kwargs):
-        (value, grads), invalid = _value_and_grad_aux(
-            self._scalar, self._argnums(args)
-        )(key, *args, **kwargs)
-        return (value, (grads[0] if len(args) == 1 else grads)), invalid
+    def grad(self, key, *args, argnums: int | tuple[int, ...] = 1, **kwargs):
+        """Unbiased estimate of the gradient with respect to the arguments `argnums`.
 
-    def grad(self, key, *args, **kwargs):
-        """Unbiased estimate of the gradient w.r.t. every positional argument after the key.
-
-        Jitted. One argument gives its gradient; several give a tuple, like `jax.grad`
-        with `argnums=(1, ..., n)`. Keyword arguments are not differentiated. Invalid
-        parameters raise `px.InvalidParameterError` (see `estimate`).
+        Jitted. `argnums` counts positions as `jax.grad(f, argnums)` does for
+        `f(key, *args)`: the key is position 0, so the default `argnums=1` is the argument
+        right after the key (the parameters; data passed after them are not
+        differentiated). An int gives that argument's gradient, a tuple a tuple of
+        gradients: `f.grad(key, params, x, argnums=(1, 2))`. Keyword arguments are never
+        differentiated. Invalid parameters raise `px.InvalidParameterError` (see
+        `estimate`).
         """
-        return self._checked(*self._grad(key, *args, **kwargs))
+        argnums = _check_argnums(argnums, len(args))
+        return self._checked(*self._grad(argnums, key, *args, **kwargs))
 
-    def value_and_grad(self, key, *args, **kwargs):
-        """`(estimate, gradient estimate)` from the same draws (jitted)."""
-        return self._checked(*self._value_and_grad(key, *args, **kwargs))
+    def value_and_grad(self, key, *args, argnums: int | tuple[int, ...] = 1, **kwargs):
+        """`(estimate, gradient estimate)` from the same draws (jitted); `argnums` as `grad`."""
+        argnums = _check_argnums(argnums, len(args))
+        return self._checked(*self._value_and_grad(argnums, key, *args, **kwargs))
+
+
+def _check_argnums(argnums, num_args: int) -> int | tuple[int, ...]:
+    """Validate `argnums` (jax.grad's positions of `f(key, *args)`; the key is 0)."""
+    if num_args == 0:
+        raise TypeError("grad needs at least one argument after the key.")
+    many = isinstance(argnums, (tuple, list))
+    positions = tuple(argnums) if many else (argnums,)
+    for position in positions:
+        if isinstance(position, bool) or not isinstance(position, (int, np.integer)):
+            raise TypeError(f"argnums must be an int or a tuple of ints, got {argnums!r}.")
+        if position == 0:
+            raise ValueError(
+                "argnums=0 is the PRNG key, which is not differentiable; the first "
+                "argument after the key is argnums=1."
+            )
+        if not 1 <= position <= num_args:
+            raise ValueError(
+                f"argnums={argnums!r}: the call has {num_args} argument(s) after the key "
+                f"(positions 1 to {num_args})."
+            )
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"argnums={argnums!r} repeats a position.")
+    return tuple(int(p) for p in positions) if many else int(positions[0])
+
+
+def _positions(argnums, num_args: int) -> tuple[int, ...]:
+    del num_args
+    return argnums if isinstance(argnums, tuple) else (argnums,)
 
 
 def _all_concrete_arrays(args, kwargs) -> bool:

@@ -34,7 +34,7 @@ from numpyro import handlers
 from ..adev import AbstractEstimator
 from ..adev._primitives import sample as _sample
 from ._numpyro import NumPyroModel
-from ._protocol import AbstractGenerativeFunction, Trace
+from ._protocol import AbstractConditionable, AbstractGenerativeFunction, Trace
 
 #: Separator of nested genjax addresses in ppl_ext choice names.
 SEP = "/"
@@ -428,7 +428,7 @@ class _Run:
 # GenJAXModel
 
 
-class GenJAXModel(AbstractGenerativeFunction):
+class GenJAXModel(AbstractConditionable):
     """A genjax generative function (`@genjax.gen`) as a ppl_ext generative function.
 
     Use it as the model or the guide of a ppl_ext objective, like `NumPyroModel`:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import contextvars
 from collections.abc import Iterator
@@ -80,9 +81,19 @@ def report_density_term(term: DensityTerm) -> None:
 class AbstractGenerativeFunction(eqx.Module):
     """A probabilistic program with a density over its random choices.
 
+    The protocol is two abstract methods, `simulate(params, *args)` and
+    `assess(choices, params, *args)`; `generate`, running with some choices fixed, is the
+    sub-protocol `AbstractConditionable`, which a class implements or visibly does not
+    (`px.vi.marginal` and `px.vi.normalize` do not). Concrete classes are final.
+
     Methods are called inside expectation programs (`px.expectation`): their random choices
     are `px.sample` sites, so each site's gradient estimator applies and the randomness
     comes from the expectation's key.
+
+    Exact and estimated densities. `simulate`'s `Trace.log_density` is `log q(choices)`
+    for an exact generative function, and then `assess(trace.choices, ...)` returns the same
+    number (the conformance suite checks it). Constructs whose density can only be
+    estimated return properly weighted estimates instead (see `Trace`).
 
     Scaled sites. A site may carry a scale `s` (numpyro's `scale` handler; a subsampling
     plate gives its sites `s = N/m`). Every log density of the protocol is then the
@@ -93,18 +104,43 @@ class AbstractGenerativeFunction(eqx.Module):
 
     `simulate` reports terms of its `log_density` that are not the density of one of its
     draws (observed sites, factors, estimated densities) with `report_density_term`.
+
+    Skeleton of a new generative function (one file, plus an entry in the conformance
+    registry `tests/conformance/registry.py`):
+
+        >>> import jax.numpy as jnp, numpyro.distributions as dist, ppl_ext as px
+        >>> class Coin(px.gen.AbstractGenerativeFunction):
+        ...     def simulate(self, params, *args):
+        ...         law = dist.Bernoulli(logits=params["logit"])
+        ...         x = px.sample(law)
+        ...         return px.gen.Trace({"x": x}, law.log_prob(x), x)
+        ...     def assess(self, choices, params, *args):
+        ...         return dist.Bernoulli(logits=params["logit"]).log_prob(choices["x"])
+        >>> float(Coin().assess({"x": jnp.asarray(1.0)}, {"logit": jnp.asarray(0.0)}))
+        -0.6931...
     """
 
-    def simulate(self, *args, **kwargs) -> Trace:
+    @abc.abstractmethod
+    def simulate(self, params, *args, **kwargs) -> Trace:
         """Draw choices and return them with their log density and the return value."""
-        raise NotImplementedError
 
-    def assess(self, choices: dict[str, Array], *args, **kwargs) -> Array:
+    @abc.abstractmethod
+    def assess(self, choices: dict[str, Array], params, *args, **kwargs) -> Array:
         """Log density of `choices` (all of the function's choices must be given)."""
-        raise NotImplementedError
 
+
+class AbstractConditionable(AbstractGenerativeFunction):
+    """A generative function that also runs with some of its choices fixed: `generate`.
+
+    Needed by objectives that condition a model on data through `generate` rather than
+    `assess` (an importance sampler whose proposal is the model's own prior for the free
+    choices). A class that cannot honour the weight identity below (its density is only
+    estimable) stays an `AbstractGenerativeFunction`.
+    """
+
+    @abc.abstractmethod
     def generate(
-        self, constraints: dict[str, Array], *args, **kwargs
+        self, constraints: dict[str, Array], params, *args, **kwargs
     ) -> tuple[Trace, Array]:
         """Draw the unconstrained choices; return the trace and the log importance weight.
 
@@ -114,5 +150,6 @@ class AbstractGenerativeFunction(eqx.Module):
         weight is the scaled log density of the constrained and observed sites given the
         drawn ones. Subtracting the unscaled density of a scaled drawn site instead would
         leave `(s - 1) · log p_site(value)` in the weight, which no objective expects.
+        With every choice constrained the weight is `assess(constraints, ...)`; with none,
+        it is the log density of what `simulate` would not draw (the observed sites).
         """
-        raise NotImplementedError

@@ -7,6 +7,15 @@ from ._constructs import (
     normalize as normalize,
 )
 from ._objectives import (
+    ELBO as ELBO,
+    IWELBO as IWELBO,
+    IWELBODReg as IWELBODReg,
+    VIMCO as VIMCO,
+    AbstractObjective as AbstractObjective,
+    Renyi as Renyi,
+    SymmetricKL as SymmetricKL,
+    WakeP as WakeP,
+    WakeQ as WakeQ,
     diwhvi as diwhvi,
     elbo as elbo,
     hvi as hvi,
@@ -27,6 +36,15 @@ from ._requirements import (
 )
 
 __all__ = [
+    "AbstractObjective",
+    "ELBO",
+    "IWELBO",
+    "IWELBODReg",
+    "Renyi",
+    "SymmetricKL",
+    "VIMCO",
+    "WakeP",
+    "WakeQ",
     "Marginal",
     "Normalize",
     "Site",

@@ -15,8 +15,6 @@ programmable variational inference".
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from collections.abc import Sequence
 
@@ -51,23 +49,6 @@ def _check_gen_fn(where: str, name: str, value) -> None:
                 if callable(value) else "")
         raise TypeError(f"{where}: `{name}` must be a generative function, got "
                         f"{type(value).__name__}.{hint}")
-
-
-def checks_gen_fns(builder):
-    """Check the arguments of `builder` annotated as generative functions when it is called."""
-    signature = inspect.signature(builder)
-    names = [name for name, parameter in signature.parameters.items()
-             if "AbstractGenerativeFunction" in str(parameter.annotation)]
-
-    @functools.wraps(builder)
-    def checked(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        for name in names:
-            if name in bound.arguments:
-                _check_gen_fn(builder.__name__, name, bound.arguments[name])
-        return builder(*args, **kwargs)
-
-    return checked
 
 
 class Marginal(AbstractGenerativeFunction):

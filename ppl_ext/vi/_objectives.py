@@ -1,9 +1,12 @@
 """Variational objectives, each a short expectation program over generative functions.
 
-Each builder returns a `px.Expectation` called as `objective(key, params, *args, **kw)`;
-`params` is passed to both the model and the guide (NumPyro style: one parameter dict).
-They are written in the same language as user programs and are meant as examples of
-writing your own.
+Each objective is a module (`AbstractObjective`): its fields are the generative functions
+and settings, its `program` is the expectation program, and it is called like a
+`px.Expectation`: `objective(key, params, *args, **kw)`, `.estimate`, `.grad`,
+`.value_and_grad`. `params` is passed to both the model and the guide (NumPyro style: one
+parameter dict). The lowercase builders (`px.vi.elbo(model, guide)`, ...) return these
+modules. Programs are written in the same language as user programs and are meant as
+examples of writing your own.
 
 Estimator assumptions. ADEV combines per-site estimators soundly, so most objectives are
 unbiased (for the quantity they define) whatever estimator each guide site uses: `elbo`,
@@ -21,22 +24,99 @@ an observed site or factor that depends on the parameters).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.scipy.special import logsumexp
 
-from ..adev import AbstractEstimator, Expectation, expectation, reinforce
+import equinox as eqx
+
+from ..adev import AbstractEstimator, Expectation, reinforce
 from ..gen import AbstractGenerativeFunction
-from ._constructs import _check_particles, checks_gen_fns, marginal, normalize
+from ._constructs import _check_gen_fn, _check_particles, marginal, normalize
 from ._requirements import SiteRequirement, check_sites, pathwise_site, score_function_site
 
 
-@checks_gen_fns
-def elbo(model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction) -> Expectation:
+class AbstractObjective(eqx.Module):
+    """An objective: an expectation program over generative functions, as a module.
+
+    A subclass declares its generative functions and settings as fields and writes the
+    program in `program(params, *args, **kwargs)` (an ordinary expectation program, as
+    given to `px.expectation`); the base class checks that fields annotated as generative
+    functions are ones, builds the `px.Expectation` once, and forwards the calling
+    conventions to it. Concrete objectives are final.
+
+    The value is to be *maximised* (a bound on the log evidence, or its negated
+    divergence); `px.fit` maximises by default.
+
+    Example (the ELBO, as `px.vi.ELBO` writes it):
+        >>> import jax, numpyro, numpyro.distributions as dist, ppl_ext as px
+        >>> class MyELBO(px.vi.AbstractObjective):
+        ...     model: px.gen.AbstractGenerativeFunction
+        ...     guide: px.gen.AbstractGenerativeFunction
+        ...     def program(self, params, *args):
+        ...         trace = self.guide.simulate(params, *args)
+        ...         return self.model.assess(trace.choices, params, *args) - trace.log_density
+        >>> def model():
+        ...     numpyro.sample("z", dist.Normal(0.0, 1.0))
+        >>> objective = MyELBO(px.gen.NumPyroModel(model), px.gen.NumPyroModel(model))
+        >>> float(objective(jax.random.key(0), {}))  # q = p: the ELBO is exactly 0
+        0.0
+    """
+
+    _expectation: Expectation = eqx.field(static=True, init=False, repr=False)
+
+    #: The argument positions (after the key) that are parameter dicts; `px.fit` trains them.
+    params_argnums: ClassVar[tuple[int, ...]] = (1,)
+
+    def __post_init__(self):
+        expectation = Expectation(self.program)
+        expectation.__name__ = expectation.__qualname__ = type(self).__name__
+        self._expectation = expectation
+
+    def __check_init__(self):
+        for field in dataclasses.fields(self):
+            if "AbstractGenerativeFunction" in str(field.type):
+                _check_gen_fn(type(self).__name__, field.name, getattr(self, field.name))
+
+    @abc.abstractmethod
+    def program(self, params, *args, **kwargs):
+        """The expectation program: one estimate of the objective (run inside ADEV)."""
+
+    @property
+    def expectation(self) -> Expectation:
+        """The `px.Expectation` of `program`."""
+        return self._expectation
+
+    def __call__(self, *args, **kwargs):
+        """`objective(key, params, *args)`: an unbiased, differentiable estimate."""
+        return self._expectation(*args, **kwargs)
+
+    def estimate(self, key, *args, **kwargs):
+        """Unbiased estimate of the objective (see `px.Expectation.estimate`)."""
+        return self._expectation.estimate(key, *args, **kwargs)
+
+    def grad(self, key, *args, argnums=1, **kwargs):
+        """Unbiased gradient estimate (see `px.Expectation.grad`; `argnums=1`: params)."""
+        return self._expectation.grad(key, *args, argnums=argnums, **kwargs)
+
+    def value_and_grad(self, key, *args, argnums=1, **kwargs):
+        """`(estimate, gradient estimate)` from the same draws (see `px.Expectation`)."""
+        return self._expectation.value_and_grad(key, *args, argnums=argnums, **kwargs)
+
+
+def _check_vimco_particles(num_particles):
+    if not isinstance(num_particles, int) or num_particles < 2:
+        raise ValueError(f"vimco needs num_particles >= 2, got {num_particles!r}.")
+
+
+
+class ELBO(AbstractObjective):
     """Evidence lower bound `E_q[log p(x, z) - log q(z)]`.
 
     Gradient estimators come from the guide's sites (reparam for reparameterisable
@@ -50,25 +130,27 @@ def elbo(model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction) -
         >>> def guide(x):
         ...     numpyro.sample("z", dist.Normal(numpyro.param("loc", 0.0), 1.0))
         >>> objective = px.vi.elbo(px.gen.NumPyroModel(model), px.gen.NumPyroModel(guide))
-        >>> grad_params, grad_x = objective.grad(jax.random.key(0), {"loc": 0.0}, 1.0)
+        >>> grad_params = objective.grad(jax.random.key(0), {"loc": 0.0}, 1.0)  # argnums=1
         >>> grad_params["loc"].shape
         ()
 
     Reference: Jordan et al. 1999; Kingma & Welling 2014; Ranganath et al. 2014.
     """
 
-    @expectation
-    def objective(params, *args, **kwargs):
-        trace = guide.simulate(params, *args, **kwargs)
-        return model.assess(trace.choices, params, *args, **kwargs) - trace.log_density
+    model: AbstractGenerativeFunction
+    guide: AbstractGenerativeFunction
 
-    return objective
+    def program(self, params, *args, **kwargs):
+        trace = self.guide.simulate(params, *args, **kwargs)
+        return self.model.assess(trace.choices, params, *args, **kwargs) - trace.log_density
 
 
-@checks_gen_fns
-def iwelbo(
-    model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int
-) -> Expectation:
+def elbo(model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction) -> ELBO:
+    """`px.vi.ELBO(model, guide)`: the evidence lower bound (see `ELBO`)."""
+    return ELBO(model, guide)
+
+
+class IWELBO(AbstractObjective):
     """Importance-weighted bound `E[log (1/K) Σ_k p(x, z_k) / q(z_k)]`, `z_k` iid from q.
 
     Tighter than the ELBO for `K > 1` and non-decreasing in `K` (Burda et al. 2016). The K
@@ -76,14 +158,23 @@ def iwelbo(
 
     Reference: Burda, Grosse & Salakhutdinov 2016, "Importance weighted autoencoders".
     """
-    _check_particles(num_particles)
 
-    @expectation
-    def objective(params, *args, **kwargs):
-        log_weights = _log_weights(model, guide, num_particles, params, args, kwargs)
-        return logsumexp(log_weights) - math.log(num_particles)
+    model: AbstractGenerativeFunction
+    guide: AbstractGenerativeFunction
+    num_particles: int = eqx.field(static=True)
 
-    return objective
+    def __check_init__(self):
+        _check_particles(self.num_particles)
+
+    def program(self, params, *args, **kwargs):
+        log_weights = _log_weights(self.model, self.guide, self.num_particles, params, args,
+                                   kwargs)
+        return logsumexp(log_weights) - math.log(self.num_particles)
+
+
+def iwelbo(model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int) -> IWELBO:
+    """`px.vi.IWELBO(model, guide, num_particles)` (see `IWELBO`)."""
+    return IWELBO(model, guide, num_particles)
 
 
 def _log_weights(model, guide, num_particles, params, args, kwargs, guide_params=None):
@@ -97,23 +188,21 @@ def _log_weights(model, guide, num_particles, params, args, kwargs, guide_params
     return lax.scan(particle, None, length=num_particles)[1]
 
 
-@checks_gen_fns
 def hvi(
     model: AbstractGenerativeFunction,
     variational_joint: AbstractGenerativeFunction,
     keep,
     reverse: AbstractGenerativeFunction,
     num_particles: int = 1,
-) -> Expectation:
+) -> ELBO:
     """Hierarchical VI: the ELBO of `marginal(variational_joint, keep, reverse, K)`.
 
     `K = 1` is HVI (Ranganath, Tran & Blei 2016); `K > 1` is IWHVI (Sobolev & Vetrov 2019),
     a tighter bound. `reverse` is the auxiliary model `r(u | z)` of the dropped choices.
     """
-    return elbo(model, marginal(variational_joint, keep, reverse, num_particles))
+    return ELBO(model, marginal(variational_joint, keep, reverse, num_particles))
 
 
-@checks_gen_fns
 def diwhvi(
     model: AbstractGenerativeFunction,
     variational_joint: AbstractGenerativeFunction,
@@ -121,22 +210,16 @@ def diwhvi(
     reverse: AbstractGenerativeFunction,
     num_inner: int,
     num_outer: int,
-) -> Expectation:
+) -> IWELBO:
     """Doubly importance-weighted HVI: IWELBO(`num_outer`) of an IWHVI(`num_inner`) marginal.
 
     Reference: Sobolev & Vetrov 2019, "Importance weighted hierarchical variational
     inference".
     """
-    return iwelbo(model, marginal(variational_joint, keep, reverse, num_inner), num_outer)
+    return IWELBO(model, marginal(variational_joint, keep, reverse, num_inner), num_outer)
 
 
-@checks_gen_fns
-def renyi(
-    model: AbstractGenerativeFunction,
-    guide: AbstractGenerativeFunction,
-    alpha: float,
-    num_particles: int,
-) -> Expectation:
+class Renyi(AbstractObjective):
     """Rényi variational bound `E[1/(1-α) log (1/K) Σ_k w_k^(1-α)]`, `w_k = p(x, z_k)/q(z_k)`.
 
     `α = 0` is the IWELBO, `α → 1` the ELBO (`α = 1` is computed as the mean of `log w_k`).
@@ -144,24 +227,29 @@ def renyi(
 
     Reference: Li & Turner 2016, "Rényi divergence variational inference".
     """
-    _check_particles(num_particles)
-    alpha = float(alpha)
 
-    @expectation
-    def objective(params, *args, **kwargs):
-        log_w = _log_weights(model, guide, num_particles, params, args, kwargs)
-        if alpha == 1.0:
+    model: AbstractGenerativeFunction
+    guide: AbstractGenerativeFunction
+    alpha: float = eqx.field(static=True, converter=float)
+    num_particles: int = eqx.field(static=True)
+
+    def __check_init__(self):
+        _check_particles(self.num_particles)
+
+    def program(self, params, *args, **kwargs):
+        log_w = _log_weights(self.model, self.guide, self.num_particles, params, args, kwargs)
+        if self.alpha == 1.0:
             return jnp.mean(log_w)
-        scaled = (1.0 - alpha) * log_w
-        return (logsumexp(scaled) - math.log(num_particles)) / (1.0 - alpha)
-
-    return objective
+        scaled = (1.0 - self.alpha) * log_w
+        return (logsumexp(scaled) - math.log(self.num_particles)) / (1.0 - self.alpha)
 
 
-@checks_gen_fns
-def wake_p(
-    model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int
-) -> Expectation:
+def renyi(model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, alpha: float, num_particles: int) -> Renyi:
+    """`px.vi.Renyi(model, guide, alpha, num_particles)` (see `Renyi`)."""
+    return Renyi(model, guide, alpha, num_particles)
+
+
+class WakeP(AbstractObjective):
     """Reweighted wake-sleep, wake-p: the IWELBO with the guide's parameters frozen.
 
     Its gradient w.r.t. the model's parameters is the self-normalised importance-sampling
@@ -169,24 +257,26 @@ def wake_p(
 
     Reference: Bornschein & Bengio 2015, "Reweighted wake-sleep"; Le et al. 2019.
     """
-    _check_particles(num_particles)
 
-    @expectation
-    def objective(params, *args, **kwargs):
-        log_w = _log_weights(model, guide, num_particles, params, args, kwargs,
+    model: AbstractGenerativeFunction
+    guide: AbstractGenerativeFunction
+    num_particles: int = eqx.field(static=True)
+
+    def __check_init__(self):
+        _check_particles(self.num_particles)
+
+    def program(self, params, *args, **kwargs):
+        log_w = _log_weights(self.model, self.guide, self.num_particles, params, args, kwargs,
                              guide_params=lax.stop_gradient(params))
-        return logsumexp(log_w) - math.log(num_particles)
-
-    return objective
+        return logsumexp(log_w) - math.log(self.num_particles)
 
 
-@checks_gen_fns
-def wake_q(
-    model: AbstractGenerativeFunction,
-    guide: AbstractGenerativeFunction,
-    num_particles: int,
-    selection_estimator: AbstractEstimator = reinforce,
-) -> Expectation:
+def wake_p(model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int) -> WakeP:
+    """`px.vi.WakeP(model, guide, num_particles)` (see `WakeP`)."""
+    return WakeP(model, guide, num_particles)
+
+
+class WakeQ(AbstractObjective):
     """Reweighted wake-sleep, wake-q: `E_{z ~ SIR}[log q(z)]` (forward KL, up to a constant).
 
     `z` is drawn by `normalize(model, guide, K)` with all parameters frozen, so only
@@ -197,15 +287,30 @@ def wake_q(
     Reference: Bornschein & Bengio 2015; Le, Kosiorek, Siddharth, Teh & Wood 2019,
     "Revisiting reweighted wake-sleep".
     """
-    _check_particles(num_particles)
-    sir = normalize(model, guide, num_particles, selection_estimator)
 
-    @expectation
-    def objective(params, *args, **kwargs):
+    model: AbstractGenerativeFunction
+    guide: AbstractGenerativeFunction
+    num_particles: int = eqx.field(static=True)
+    selection_estimator: AbstractEstimator = eqx.field(static=True, default=reinforce)
+
+    def __check_init__(self):
+        _check_particles(self.num_particles)
+        normalize(self.model, self.guide, self.num_particles, self.selection_estimator)
+
+    def program(self, params, *args, **kwargs):
+        sir = normalize(self.model, self.guide, self.num_particles, self.selection_estimator)
         trace = sir.simulate(lax.stop_gradient(params), *args, **kwargs)
-        return guide.assess(trace.choices, params, *args, **kwargs)
+        return self.guide.assess(trace.choices, params, *args, **kwargs)
 
-    return objective
+
+def wake_q(
+    model: AbstractGenerativeFunction,
+    guide: AbstractGenerativeFunction,
+    num_particles: int,
+    selection_estimator: AbstractEstimator = reinforce,
+) -> WakeQ:
+    """`px.vi.WakeQ(model, guide, num_particles, selection_estimator)` (see `WakeQ`)."""
+    return WakeQ(model, guide, num_particles, selection_estimator)
 
 
 forward_kl = wake_q
@@ -225,10 +330,7 @@ DREG_GUIDE = SiteRequirement(
 )
 
 
-@checks_gen_fns
-def iwelbo_dreg(
-    model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int
-) -> Expectation:
+class IWELBODReg(AbstractObjective):
     """IWELBO with the doubly-reparameterised gradient estimator (DReG).
 
     Called as `objective(key, model_params, guide_params, *args)`: the guide's parameters
@@ -249,11 +351,18 @@ def iwelbo_dreg(
     Reference: Tucker, Lawson, Gu & Maddison 2019, "Doubly reparameterized gradient
     estimators for Monte Carlo objectives".
     """
-    _check_particles(num_particles)
-    sg = lax.stop_gradient
 
-    @expectation
-    def objective(model_params, guide_params, *args, **kwargs):
+    model: AbstractGenerativeFunction
+    guide: AbstractGenerativeFunction
+    num_particles: int = eqx.field(static=True)
+
+    params_argnums: ClassVar[tuple[int, ...]] = (1, 2)
+
+    def __check_init__(self):
+        _check_particles(self.num_particles)
+
+    def program(self, model_params, guide_params, *args, **kwargs):
+        model, guide, sg = self.model, self.guide, lax.stop_gradient
         check_sites(DREG_GUIDE, guide, guide_params, *args, **kwargs)
         # the arguments' direct derivative goes to the model-parameter part only; the path
         # part differentiates the draws alone (everything else frozen)
@@ -270,14 +379,17 @@ def iwelbo_dreg(
                 z, frozen_q, *frozen_args, **frozen_kwargs)
             return carry, (log_w_model, log_w_path)
 
-        log_w_model, log_w_path = lax.scan(particle, None, length=num_particles)[1]
+        log_w_model, log_w_path = lax.scan(particle, None, length=self.num_particles)[1]
         normalized = jax.nn.softmax(sg(log_w_model))
-        value = sg(logsumexp(log_w_model) - math.log(num_particles))
+        value = sg(logsumexp(log_w_model) - math.log(self.num_particles))
         model_term = jnp.sum(sg(normalized) * (log_w_model - sg(log_w_model)))
         path_term = jnp.sum(sg(normalized**2) * (log_w_path - sg(log_w_path)))
         return value + model_term + path_term
 
-    return objective
+
+def iwelbo_dreg(model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int) -> IWELBODReg:
+    """`px.vi.IWELBODReg(model, guide, num_particles)` (see `IWELBODReg`)."""
+    return IWELBODReg(model, guide, num_particles)
 
 
 def _stop_gradient(tree):
@@ -307,10 +419,7 @@ VIMCO_GUIDE = SiteRequirement(
 )
 
 
-@checks_gen_fns
-def vimco(
-    model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int
-) -> Expectation:
+class VIMCO(AbstractObjective):
     """IWELBO with the VIMCO score-function estimator (per-particle leave-one-out baselines).
 
     Every guide site defaults to the score function (`guide.default_estimator` is set to
@@ -328,16 +437,23 @@ def vimco(
 
     Reference: Mnih & Rezende 2016, "Variational inference for Monte Carlo objectives".
     """
-    if not isinstance(num_particles, int) or num_particles < 2:
-        raise ValueError(f"vimco needs num_particles >= 2, got {num_particles!r}.")
-    if dataclasses.is_dataclass(guide) and any(
-            f.name == "default_estimator" for f in dataclasses.fields(guide)):
-        guide = dataclasses.replace(guide, default_estimator=reinforce)
-    sg = lax.stop_gradient
-    k = num_particles
 
-    @expectation
-    def objective(params, *args, **kwargs):
+    model: AbstractGenerativeFunction
+    guide: AbstractGenerativeFunction
+    num_particles: int = eqx.field(static=True)
+
+    def __post_init__(self):
+        guide = self.guide
+        if dataclasses.is_dataclass(guide) and any(
+                f.name == "default_estimator" for f in dataclasses.fields(guide)):
+            self.guide = dataclasses.replace(guide, default_estimator=reinforce)
+        super().__post_init__()
+
+    def __check_init__(self):
+        _check_vimco_particles(self.num_particles)
+
+    def program(self, params, *args, **kwargs):
+        model, guide, k, sg = self.model, self.guide, self.num_particles, lax.stop_gradient
         check_sites(VIMCO_GUIDE, guide, params, *args, **kwargs)
 
         def particle(carry, _):
@@ -354,16 +470,14 @@ def vimco(
         # every site already contributes sg(bound) · score; subtract the baselines' share
         return bound - jnp.sum(baselines * (log_q - sg(log_q)))
 
-    return objective
+
+def vimco(model: AbstractGenerativeFunction, guide: AbstractGenerativeFunction, num_particles: int) -> VIMCO:
+    """`px.vi.VIMCO(model, guide, num_particles)` (see `VIMCO`)."""
+    _check_vimco_particles(num_particles)
+    return VIMCO(model, guide, num_particles)
 
 
-@checks_gen_fns
-def symmetric_kl(
-    model: AbstractGenerativeFunction,
-    guide: AbstractGenerativeFunction,
-    num_particles: int,
-    selection_estimator: AbstractEstimator = reinforce,
-) -> Expectation:
+class SymmetricKL(AbstractObjective):
     """Negated Jeffreys divergence `-(KL(q || p) + KL(p || q))` of guide and posterior.
 
     `log p(x)` cancels between the two directions:
@@ -372,11 +486,19 @@ def symmetric_kl(
     K)` with frozen parameters for the draw, so the whole is consistent as `K` grows and
     biased for finite `K`, like `wake_q`.
     """
-    _check_particles(num_particles)
-    sir = normalize(model, guide, num_particles, selection_estimator)
 
-    @expectation
-    def objective(params, *args, **kwargs):
+    model: AbstractGenerativeFunction
+    guide: AbstractGenerativeFunction
+    num_particles: int = eqx.field(static=True)
+    selection_estimator: AbstractEstimator = eqx.field(static=True, default=reinforce)
+
+    def __check_init__(self):
+        _check_particles(self.num_particles)
+        normalize(self.model, self.guide, self.num_particles, self.selection_estimator)
+
+    def program(self, params, *args, **kwargs):
+        model, guide = self.model, self.guide
+        sir = normalize(model, guide, self.num_particles, self.selection_estimator)
         trace = guide.simulate(params, *args, **kwargs)
         forward = model.assess(trace.choices, params, *args, **kwargs) - trace.log_density
         z = sir.simulate(lax.stop_gradient(params), *args, **kwargs).choices
@@ -385,4 +507,12 @@ def symmetric_kl(
         )
         return forward - backward
 
-    return objective
+
+def symmetric_kl(
+    model: AbstractGenerativeFunction,
+    guide: AbstractGenerativeFunction,
+    num_particles: int,
+    selection_estimator: AbstractEstimator = reinforce,
+) -> SymmetricKL:
+    """`px.vi.SymmetricKL(model, guide, num_particles, selection_estimator)`."""
+    return SymmetricKL(model, guide, num_particles, selection_estimator)

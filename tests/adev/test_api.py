@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
+import pytest
 from jax import lax
 
 import ppl_ext as px
@@ -75,13 +76,39 @@ def test_pytree_parameters_and_several_arguments(key):
         return jnp.sum((x - shift) ** 2)
 
     params = {"loc": jnp.zeros(3), "log_scale": jnp.zeros(3)}
-    g_params, g_shift = f.grad(key, params, 1.0)
+    g_params, g_shift = f.grad(key, params, 1.0, argnums=(1, 2))
     assert jax.tree.structure(g_params) == jax.tree.structure(params)
     assert g_shift.shape == ()
     # E = sum((loc - shift)^2 + exp(2 log_scale)): check the mean gradient
-    grads = many(lambda k: f.grad(k, params, 1.0)[0])
+    grads = many(lambda k: f.grad(k, params, 1.0))
     assert_unbiased(grads["loc"], -2.0 * np.ones(3))
     assert_unbiased(grads["log_scale"], 2.0 * np.ones(3))
+
+
+def test_argnums_follows_jax_grad(key):
+    @px.expectation
+    def f(params, shift, data):
+        x = px.sample(dist.Normal(params["loc"], 1.0))
+        return (x - shift) ** 2 + data
+
+    params = {"loc": jnp.asarray(0.3)}
+    args = (params, jnp.asarray(1.0), jnp.asarray(2.0))
+    # the default differentiates the argument after the key only, as jax.grad(f, 1) does
+    default = f.grad(key, *args)
+    assert jax.tree.structure(default) == jax.tree.structure(params)
+    assert tree_allclose(default, jax.grad(f, argnums=1)(key, *args))
+    for argnums in (2, 3, (1, 3), (3, 1)):
+        mine = f.grad(key, *args, argnums=argnums)
+        assert tree_allclose(mine, jax.grad(f, argnums=argnums)(key, *args))
+        value, grads = f.value_and_grad(key, *args, argnums=argnums)
+        assert tree_allclose(grads, mine) and np.allclose(value, f.estimate(key, *args))
+    # an integer argument that is not differentiated does not get in the way
+    g = px.expectation(lambda t, n: px.sample(dist.Normal(t, 1.0)) * n)
+    assert np.isfinite(g.grad(key, 0.5, 3))
+    for bad, error, match in [(0, ValueError, "PRNG key"), (4, ValueError, "positions 1 to 3"),
+                              ((1, 1), ValueError, "repeats"), (1.0, TypeError, "int")]:
+        with pytest.raises(error, match=match):
+            f.grad(key, *args, argnums=bad)
 
 
 def test_closure_over_traced_values_is_differentiated(key):
@@ -176,7 +203,7 @@ def test_running_average_baseline(key):
         value, _ = f.value_and_grad(jax.random.key(i), 0.0, state)
         state = state.update(value)
     assert 1.0 < float(state.value) < 10.0
-    grads = many(lambda k: f.grad(k, 0.0, state)[0])
+    grads = many(lambda k: f.grad(k, 0.0, state))
     assert_unbiased(grads, -4.0)
 
 

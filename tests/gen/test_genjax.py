@@ -109,7 +109,7 @@ def test_discrete_genjax_guide_uses_the_score_function_or_enumeration():
     for estimators in [{}, {"c": px.enum}]:
         guide = GenJAXModel(flip_guide, params_arg=True, estimators=estimators)
         objective = px.vi.elbo(model, guide)
-        grads = many(lambda k: objective.grad(k, params, 0.5)[0]["logit"],
+        grads = many(lambda k: objective.grad(k, params, 0.5)["logit"],
                      num=10_000 if not estimators else 64)
         assert_unbiased(grads, exact_grad, what=f"discrete elbo {estimators}")
 
@@ -295,6 +295,9 @@ def test_numpyro_distribution_inside_a_genjax_model_inside_an_objective():
 
 def test_other_ppl_ext_functions_are_assessable_but_not_simulated_in_genjax():
     class Custom(px.gen.AbstractGenerativeFunction):
+        def simulate(self, params, *args):
+            raise NotImplementedError("assessed only")
+
         def assess(self, choices, params, *args):
             return dist.Normal(0.0, 1.0).log_prob(choices["z"])
 

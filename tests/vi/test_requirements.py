@@ -74,6 +74,9 @@ class ThreeScopes(px.gen.AbstractGenerativeFunction):
         choices = {"a": a, "b": b, "c": c, "s": s, "d": d, "e": e}
         return px.gen.Trace(choices, jnp.zeros(()), None)
 
+    def assess(self, choices, params, x):
+        raise NotImplementedError("only its sites are listed here")
+
 
 def test_simulate_sites_lists_kinds_dependences_and_scopes():
     from ppl_ext.vi._requirements import (
@@ -206,7 +209,7 @@ def test_vimco_refuses_a_point_mass_with_a_parametric_weight_and_accepts_a_const
     exact_value, exact_grads = jax.value_and_grad(exact_shifted_coin_iwelbo)(params, 0.5, 3)
     assert_unbiased(values, exact_value, what="vimco value")
     for name in params:
-        assert_unbiased(grads[0][name], exact_grads[name], what=f"vimco d/d{name}")
+        assert_unbiased(grads[name], exact_grads[name], what=f"vimco d/d{name}")
 
 
 class ScoreFunctionCoinGuide(px.gen.AbstractGenerativeFunction):
@@ -227,7 +230,7 @@ def test_vimco_accepts_any_generative_function_whose_sites_qualify():
     objective = px.vi.vimco(px.gen.NumPyroModel(coin_model), ScoreFunctionCoinGuide(), 3)
     values, grads = many(lambda key: objective.value_and_grad(key, params, 0.5), num=NUM)
     assert_unbiased(values, exact_coin_iwelbo(params, 0.5, 3))
-    assert_unbiased(grads[0]["logit"], jax.grad(exact_coin_iwelbo)(params, 0.5, 3)["logit"])
+    assert_unbiased(grads["logit"], jax.grad(exact_coin_iwelbo)(params, 0.5, 3)["logit"])
 
 
 # ------------------------------------------------------------------------------------ DReG
@@ -294,7 +297,7 @@ def test_dreg_is_unbiased_with_a_point_mass_of_a_reparameterised_draw_and_for_th
     objective = px.vi.iwelbo_dreg(M, px.gen.NumPyroModel(amortised_guide), 2)
     x = jnp.asarray(X)
     values, grads = many(lambda key: objective.value_and_grad(key, model_params, guide_params,
-                                                              x), num=NUM)
+                                                              x, argnums=(1, 2, 3)), num=NUM)
     exact_value, (exact_params, exact_x) = jax.value_and_grad(
         exact_gaussian_iwelbo2, argnums=(0, 1))({**model_params, **guide_params}, x)
     assert_unbiased(values, exact_value, what="dreg value")
