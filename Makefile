@@ -1,30 +1,52 @@
-# `make demo` and `make test` set everything up on a fresh machine (Python 3.12 needed;
-# with pyenv, the repository's .python-version selects it) and then run.
+# `make demo`, `make test` and `make docs` set everything up on a fresh machine (Python 3.12
+# needed; with pyenv, the repository's .python-version selects it) and then run. Each
+# installs only its own extra into the one .venv (a stamp file per extra).
 PYTHON ?= python3.12
 VENV ?= .venv
+VENV_PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: setup demo test benchmarks pyro-venv
+.PHONY: setup demo test docs benchmarks pyro-venv
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(VENV_PYTHON):
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
+	$(VENV_PYTHON) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(VENV_PYTHON)
+	$(VENV_PYTHON) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-demo: setup
+$(DEMO_STAMP): pyproject.toml | $(VENV_PYTHON)
+	$(VENV_PYTHON) -m pip install --quiet -e ".[demo]"
+	touch $(DEMO_STAMP)
+
+$(DOCS_STAMP): pyproject.toml | $(VENV_PYTHON)
+	$(VENV_PYTHON) -m pip install --quiet -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/ppl-ext demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -n 2 -p no:cacheprovider
+	$(VENV_PYTHON) -m pytest -n 2 -p no:cacheprovider
+
+# The site (mkdocs.yml) goes to site/; --strict makes every warning an error. Tutorials are
+# rendered as stored (without outputs), never executed here.
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 benchmarks: setup pyro-venv
-	$(VENV)/bin/python -m pip install --quiet -e ".[benchmarks]"
-	$(VENV)/bin/python benchmarks/bench_adev.py
-	$(VENV)/bin/python benchmarks/bench_vae.py
-	$(VENV)/bin/python benchmarks/bench_discrete.py
+	$(VENV_PYTHON) -m pip install --quiet -e ".[benchmarks]"
+	$(VENV_PYTHON) benchmarks/bench_adev.py
+	$(VENV_PYTHON) benchmarks/bench_vae.py
+	$(VENV_PYTHON) benchmarks/bench_discrete.py
+	$(VENV_PYTHON) benchmarks/bench_plates.py
+	$(VENV_PYTHON) benchmarks/bench_fit.py
+	$(VENV_PYTHON) benchmarks/bench_numpyro_workflows.py
 
 # Pyro (a comparison peer only) in its own environment: the CPU wheel of torch 2.13.0 here
 # is for Python 3.11, and pip on 3.12 would fetch CUDA packages.

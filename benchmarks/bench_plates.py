@@ -6,8 +6,8 @@ Usage:
 Program (as in tests/adev/test_groups.py): `m` Bernoulli sites on one plate of `n` (20)
 elements, site j's logits depending on site j-1 element by element, objective
 `Σ_j Σ_i log N(x_i; 2 c_ji - 1 + 0.1 j, 1)`, every site `px.enum`. ppl_ext evaluates the
-sites per element together (`ppl_ext/adev/_groups.py`): `2^m` evaluations of the rest of
-the program, traced once.
+sites per element together (`ppl_ext/adev/_groups.py`): the rest of the program for all
+`2^m` joint values of one element's choices in one flat vmap, traced once.
 
 Contenders, both `jax.jit(value_and_grad)` of (key, t):
 

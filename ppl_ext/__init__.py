@@ -1,7 +1,8 @@
 """ppl_ext: unbiased estimators of expectations and their gradients, by program transformation.
 
 `import ppl_ext as px`; write an expectation program with `px.sample`, decorate it with
-`px.expectation`, and call `.estimate`, `.grad` or `jax.grad` on it.
+`px.expectation`, and call `.estimate`, `.grad` or `jax.grad` on it; optimise it with
+`px.fit(objective, params, optax.adam(1e-2), num_steps, key, *args)`.
 """
 
 from . import _numpyro_fixes
@@ -34,14 +35,29 @@ from .adev import (
     sample as sample,
 )
 
-from . import gen as gen, numpyro as numpyro, vi as vi
+from ._kernel import AbstractKernel as AbstractKernel
+from . import gen as gen, numpyro as numpyro, optim as optim, vi as vi
+from .optim import (
+    AbstractBackend as AbstractBackend,
+    EarlyStopping as EarlyStopping,
+    FitResult as FitResult,
+    OptaxBackend as OptaxBackend,
+    fit as fit,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "gen",
     "numpyro",
+    "optim",
     "vi",
+    "AbstractBackend",
+    "AbstractKernel",
+    "EarlyStopping",
+    "FitResult",
+    "OptaxBackend",
+    "fit",
     "ADEVError",
     "AbstractContinuationEstimator",
     "AbstractEstimator",

@@ -15,6 +15,11 @@ def test_demo_trains_the_vae_and_writes_the_figure(tmp_path, capsys):
     summary = run("elbo", steps=120, batch_size=64, eval_every=60, out=str(out))
     printed = capsys.readouterr().out
     assert "step    120/120" in printed and "test IWELBO(64)/image" in printed
+    lines = printed.splitlines()  # says what it does before the slow parts
+    assert lines[0].startswith("ppl-ext demo: ") and lines[1].startswith("loading")
+    compiling = [i for i, line in enumerate(lines) if line.startswith("compiling")]
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("step"))
+    assert compiling and compiling[0] < first_step
     assert out.stat().st_size > 10_000  # a PNG with a curve and 24 digit images
     losses = summary["losses"]
     assert np.all(np.isfinite(losses))
@@ -44,6 +49,19 @@ def test_estimator_table_command(capsys):
     printed = capsys.readouterr().out
     for name in ("reparam", "reinforce", "mvd", "enum", "leave-one-out (4)"):
         assert name in printed
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["estimators"]])
+def test_help_shows_the_defaults(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main(command + ["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "(default: 0)" in printed  # --seed
+    if command != ["estimators"]:
+        assert "(default: 5000)" in printed and "(default: elbo)" in printed
+    if command != ["demo"]:
+        assert "(default: 20000)" in printed
 
 
 def test_python_dash_m_entry_point():

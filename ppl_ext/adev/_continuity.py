@@ -17,7 +17,19 @@ module finds such steps in the traced program before any estimate is computed.
   probability 0), and values that no draw moves are taken to be finite, as every rule
   here does (`x * p` is continuous in `x` only for a finite `p`);
 - `canon`: a key that equal values share (a value, its numpy-style broadcasts, and the
-  value of a point mass `Delta(v)`, which is `v`).
+  value of a point mass `Delta(v)`, which is `v`);
+- `moves`: whether the value may change with the program's inputs (what it is
+  differentiated by: its floating parameters and arguments, not concrete constants closed
+  over) when every draw's noise is held fixed. A pathwise draw `g(φ, ε)` moves when its
+  law does; another estimator's draw does not (its estimator accounts for its law);
+  everything else moves when an operand does.
+
+A jump only biases the pathwise gradient where it moves: a step computed from values
+that do not move (`x > 0`, `floor(x)` for a draw `x` from a law without parameters, such
+as `Normal(0, 1)`) switches at a place that stays fixed as the parameters change, and the
+draw's pathwise derivative is zero, so nothing is missed. Such steps are accepted. A step
+that moves is still a violation: `x > theta` (the place moves with `theta`), or `x > 0`
+for `x ~ Normal(theta, 1)`.
 
 A floating result computed from a step, a step primitive (`floor`, `ceil`, `round`,
 `sign`, `rem`, `nextafter`, `atan2`, `reduce_precision`) applied to a path, a branch,
@@ -76,6 +88,7 @@ site can opt out with `px.Reparam(allow_discontinuous=True)`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -117,6 +130,7 @@ class CVal(NamedTuple):
     taint: Any  # None, Path or Step
     facts: frozenset  # exact facts (see the module docstring)
     canon: Any  # a hashable key shared by equal values, or None
+    moves: bool = False  # may change with the inputs, every draw's noise held fixed
 
 
 CLEAN = CVal(None, FIN, None)
@@ -484,12 +498,16 @@ class Continuity(Analysis):
 
     def eqn(self, eqn, ins):
         if eqn.primitive in self.rules or not carries_code(eqn):
-            return super().eqn(eqn, ins)
-        self._stack.append(eqn)
-        try:
-            return super().eqn(eqn, ins)
-        finally:
-            self._stack.pop()
+            outs = super().eqn(eqn, ins)
+        else:
+            self._stack.append(eqn)
+            try:
+                outs = super().eqn(eqn, ins)
+            finally:
+                self._stack.pop()
+        if eqn.primitive in _OWN_MOVES or not any(c.moves for c in ins):
+            return outs
+        return [o if o.moves else o._replace(moves=True) for o in outs]
 
     def _keys(self, eqn) -> frozenset:
         """The trusted functions `eqn` runs in: its own frames and those of the equations
@@ -520,18 +538,24 @@ class Continuity(Analysis):
         taint = a.taint
         if isinstance(b.taint, Step) or taint is None:
             taint = b.taint if not isinstance(taint, Step) else taint
-        return CVal(taint, a.facts & b.facts, a.canon if a.canon == b.canon else None)
+        return CVal(taint, a.facts & b.facts, a.canon if a.canon == b.canon else None,
+                    a.moves or b.moves)
 
     def same(self, a, b):
         return (type(a.taint) is type(b.taint) and a.facts == b.facts
-                and a.canon == b.canon)
+                and a.canon == b.canon and a.moves == b.moves)
 
     # -- violations (forgiven inside the trusted function a step was made in)
 
-    def _raise(self, eqn, taint, what):
+    def _raise(self, eqn, taint, what, moves: bool = True):
         """Raise a violation, unless forgiven: a step made in a trusted function (see
         `_TRUSTED_FUNCTIONS`) used in that function, or a step made at `eqn` (a path
-        `taint`) inside a trusted function."""
+        `taint`) inside a trusted function; or a jump that stays where it is (`moves`
+        false: the values that jump do not change with the inputs, every draw's noise
+        held fixed, so the jump is at a fixed place and the pathwise derivative, zero
+        through such draws, misses nothing)."""
+        if not moves:
+            return
         if isinstance(taint, Step):
             if taint.trusted & self._keys(eqn):
                 return
@@ -549,7 +573,7 @@ class Continuity(Analysis):
     def guard(self, eqn, value, what: str):
         """A branch/select/loop predicate must not depend on a draw."""
         taint = value.taint
-        if taint is None:
+        if taint is None or not value.moves:
             return
         via = (f"'{taint.primitive}' at {taint.where}" if isinstance(taint, Step)
                else f"'{eqn.primitive.name}' at {_where(eqn)}")
@@ -586,15 +610,17 @@ class Continuity(Analysis):
             outs = self._equality(eqn, ins)
             if outs is not None:
                 return outs
+        step_moves = any(c.moves for c in ins if isinstance(c.taint, Step))
+        any_moves = any(c.moves for c in ins)  # where a step primitive jumps
         taints = []
         for var in eqn.outvars:
             if _is_float(var):
                 if step is not None:
-                    self._raise(eqn, step, self._feeds(step, eqn))
+                    self._raise(eqn, step, self._feeds(step, eqn), step_moves)
                     taints.append(path or Path(step.site))
                     continue
                 if prim in _STEP_PRIMITIVES:
-                    self._raise(eqn, path, f"'{prim.name}' at {_where(eqn)}")
+                    self._raise(eqn, path, f"'{prim.name}' at {_where(eqn)}", any_moves)
                 taints.append(path)
             elif step is not None:
                 taints.append(step)
@@ -652,7 +678,7 @@ class Continuity(Analysis):
         taints = []
         for var in eqn.outvars:
             if _is_float(var):
-                self._raise(eqn, tainted, what)
+                self._raise(eqn, tainted, what, any(c.moves for c in ins))
                 taints.append(Path(tainted.site))
             else:
                 taints.append(self._step(tainted.site, eqn.primitive.name, eqn))
@@ -661,7 +687,7 @@ class Continuity(Analysis):
 
     def scatter_indices(self, eqn, outs, indices):
         if isinstance(indices.taint, Step):
-            self._raise(eqn, indices.taint, self._feeds(indices.taint, eqn))
+            self._raise(eqn, indices.taint, self._feeds(indices.taint, eqn), indices.moves)
         return outs
 
     # -- special rules
@@ -682,7 +708,8 @@ class Continuity(Analysis):
         facts = EXACT.rule(eqn, [CLEAN.facts] + [c.facts for c in cases])[0]
         taint = out.taint
         if isinstance(taint, Step) and _is_float(eqn.outvars[0]):
-            self._raise(eqn, taint, self._feeds(taint, eqn))
+            self._raise(eqn, taint, self._feeds(taint, eqn),
+                        any(c.moves for c in cases if isinstance(c.taint, Step)))
             taint = Path(taint.site)
         canon = out.canon if all(c.canon == cases[0].canon for c in cases) else None
         if taint is not None and canon is None:
@@ -697,7 +724,8 @@ class Continuity(Analysis):
                 _is_float(eqn.outvars[0]):
             return [self.default(eqn, ins)[0]._replace(canon=x.canon)]
         if isinstance(x.taint, Path) and not _is_float(eqn.outvars[0]):
-            self._raise(eqn, x.taint, f"a cast to {eqn.params['new_dtype']} at {_where(eqn)}")
+            self._raise(eqn, x.taint, f"a cast to {eqn.params['new_dtype']} at {_where(eqn)}",
+                        x.moves)
         outs = self.default(eqn, ins)
         if x.taint is not None and getattr(eqn.invars[0].aval, "dtype", None) == \
                 eqn.params["new_dtype"]:
@@ -740,7 +768,7 @@ class Continuity(Analysis):
             if _is_float(var):
                 self._raise(eqn, key_taint, f"'sort' at {_where(eqn)} orders operand {i} "
                             "by a key that depends on it (a payload of lax.sort / argsort "
-                            "reorders as the draw moves)")
+                            "reorders as the draw moves)", any(c.moves for c in keys))
                 outs.append(CVal(Path(key_taint.site), facts[i], var))
             else:
                 taint = key_taint if isinstance(key_taint, Step) else \
@@ -754,7 +782,12 @@ class Continuity(Analysis):
         step = next((c.taint for c in ins if isinstance(c.taint, Step)), None)
         if step is not None:
             self._raise(eqn, step, f"'{step.primitive}' at {step.where} sets the "
-                        f"parameters of {label}")
+                        f"parameters of {label}",
+                        any(c.moves for c in ins if isinstance(c.taint, Step)))
+        # A pathwise draw `g(φ, ε)` changes with the inputs (its noise held fixed) when its
+        # law does; another estimator's draw carries no derivative, and the estimator's
+        # own terms account for its law.
+        moves = bool(params["pathwise"]) and any(c.moves for c in ins)
         spec, delta_leaf, transformed_point = _site_shape(params["tree"])
         out_var = eqn.outvars[0]
         if delta_leaf is not None or transformed_point:
@@ -763,7 +796,7 @@ class Continuity(Analysis):
                 v = ins[delta_leaf]
                 v_shape, out_shape = _shape(eqn.invars[delta_leaf]), _shape(out_var)
                 if v.taint is None:
-                    return [CVal(None, v.facts | FIN, None)]
+                    return [CVal(None, v.facts | FIN, None, moves)]
                 if v_shape == out_shape:
                     canon = v.canon
                 elif len(v_shape) <= len(out_shape) and _np_broadcast(
@@ -772,9 +805,9 @@ class Continuity(Analysis):
                     canon = _bcast(v.canon, out_shape)
                 else:
                     canon = None
-                return [CVal(v.taint, v.facts, canon)]
+                return [CVal(v.taint, v.facts, canon, moves)]
             taint = next((c.taint for c in ins if c.taint is not None), None)
-            return [CVal(taint, _support_facts(spec) if taint else FIN, None)]
+            return [CVal(taint, _support_facts(spec) if taint else FIN, None, moves)]
         facts = _support_facts(spec)
 
         def resolve(ref):
@@ -784,8 +817,8 @@ class Continuity(Analysis):
             return ("canon", ins[ref[1]].canon if ins[ref[1]].canon is not None else atom)
 
         self.sites[out_var] = _resolve(spec, resolve)
-        taint = Path(label) if params["pathwise"] else None
-        return [CVal(taint, facts, out_var)]
+        taint = Path(label) if params["continuity"] else None
+        return [CVal(taint, facts, out_var, moves)]
 
     def _custom_jvp(self, eqn, ins):
         """jax's `xlogy(x, y)` / `xlog1py(x, y)` (Gamma, Beta, Dirichlet densities): `x log y`
@@ -865,6 +898,11 @@ class Continuity(Analysis):
 
     def _accepted(self, checked, value: CVal, eqn) -> bool:
         base = _strip(checked)
+        if base[0] == "real":
+            # the mask flips only where the value is ±inf or NaN, where the log density and
+            # so the estimate are not finite anyway: no finite estimate is biased by it
+            # (the NaN-agnostic rule of the run-time checks of pathwise sites)
+            return True
         if base[0] in _ELEMENTWISE and _proven_by_facts(base, value.facts):
             return True
         root = _root(value.canon)
@@ -931,9 +969,14 @@ if hasattr(P, "stop_gradient_p"):
     Continuity.rules[P.stop_gradient_p] = Continuity._same_value
 
 
+#: primitives whose rules decide `CVal.moves` themselves (see `Continuity.eqn`)
+_OWN_MOVES: set = set()
+
+
 def _register_sites():
     from ._primitives import nested_p, sample_p
 
+    _OWN_MOVES.add(sample_p)
     Continuity.rules[sample_p] = Continuity._sample
     Continuity.rules[nested_p] = Continuity._nested
 
@@ -941,19 +984,23 @@ def _register_sites():
 # --------------------------------------------------------------------------- entry
 
 
-def check_continuity(jaxpr: core.Jaxpr) -> None:
+def check_continuity(jaxpr: core.Jaxpr, fixed: Sequence[bool] = ()) -> None:
     """Raise if a pathwise site's value reaches a discontinuity that affects the outputs.
 
     `jaxpr` must be free of dead code (`pe.dce_jaxpr`), so that only values that reach the
-    outputs are judged.
+    outputs are judged. Its floating inputs (constants, then arguments) are what the
+    program may be differentiated by, except those marked in `fixed` (one flag per input,
+    constants first; e.g. concrete arrays closed over when it was traced).
     """
     if not _has_pathwise(jaxpr):
         return
     if not _REGISTERED:
         _register()
     analysis = Continuity()
-    inputs = [CVal(None, FIN | dtype_facts(getattr(v.aval, "dtype", None)), None)
-              for v in jaxpr.constvars + jaxpr.invars]
+    variables = jaxpr.constvars + jaxpr.invars
+    fixed = list(fixed) + [False] * (len(variables) - len(fixed))
+    inputs = [CVal(None, FIN | dtype_facts(getattr(v.aval, "dtype", None)), None,
+                   _is_float(v) and not f) for v, f in zip(variables, fixed)]
     analysis.run(jaxpr, inputs[:len(jaxpr.constvars)], inputs[len(jaxpr.constvars):])
 
 
@@ -976,7 +1023,7 @@ def _first_pathwise(jaxpr: core.Jaxpr) -> str | None:
     from ._primitives import sample_p
 
     for eqn in jaxpr.eqns:
-        if eqn.primitive is sample_p and eqn.params["pathwise"]:
+        if eqn.primitive is sample_p and eqn.params["continuity"]:
             return eqn.params["label"]
         for sub in sub_jaxprs(eqn.params):
             found = _first_pathwise(sub)

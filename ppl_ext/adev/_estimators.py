@@ -30,14 +30,14 @@ scalar or a per-element array along the site's leading batch axis, and a scalar 
 is refused where the site is Rao-Blackwellised per element (see `Reinforce`).
 """
 
-from __future__ import annotations
-
+import abc
 import itertools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
+from equinox import AbstractClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,26 +74,115 @@ def _name(distribution: dist.Distribution) -> str:
 
 
 class AbstractEstimator(eqx.Module):
-    """Interface of a gradient estimator for one sample site.
+    """Interface of a gradient estimator for one sample site (a protocol Python checks).
 
-    Subclasses are final; they implement `check` and either `local` (local estimators) or
-    `run` (continuation estimators).
+    Abstract or final: an estimator subclasses one of the two kinds,
+    `AbstractLocalEstimator` or `AbstractContinuationEstimator`, implements its abstract
+    methods (`check`, and `local` or `run`) and states the class-level flags below;
+    concrete estimators are final (subclass the kind, never a concrete estimator).
+    Python refuses to instantiate a class that leaves a method or a flag out, naming
+    them, and refuses to subclass a concrete estimator.
+
+    Class-level flags, read by the interpreter, the static analyses and the objectives
+    (`px.vi` site requirements) instead of the estimator's class:
+
+    - `continuation` (set by the kind): the estimator evaluates the rest of the program
+      itself (`run`); a local one only returns the draw and surrogate terms (`local`).
+    - `pathwise`: the drawn value is a differentiable function of the law's parameters
+      and carries their derivative (`x = g(φ, ε)`), so the rest of the program is
+      differentiated through it, which is unbiased only where the program is continuous
+      in it (the continuity check judges such sites, see `checks_continuity`). False: the
+      value carries no derivative (it is `stop_gradient`ed); the law's dependence on the
+      parameters reaches the gradient through the estimator's own terms only.
+    - `score_function`: those terms include the score `d log q(x; φ)` of the sampling
+      law, which misses part of the derivative where the support moves or a point mass
+      hides in the law; `check` must refuse those (`check_score_function`).
+
+    | estimator | `continuation` | `pathwise` | `score_function` |
+    | --- | --- | --- | --- |
+    | `Reparam` | False | True | False |
+    | `Reinforce` | False | False | True |
+    | `Enum`, `MVD` | True | False | False |
+    | `LeaveOneOut` | True | False | True |
+
+    Example (a reparameterisation estimator written by a user):
+        >>> import jax, ppl_ext as px, numpyro.distributions as dist
+        >>> class MyReparam(px.AbstractLocalEstimator):
+        ...     pathwise = True
+        ...     score_function = False
+        ...     def check(self, distribution, site):
+        ...         pass
+        ...     def local(self, key, distribution, surrogate):
+        ...         return distribution.rsample(key), None, None
+        >>> @px.expectation
+        ... def f(theta):
+        ...     return px.sample(dist.Normal(theta, 1.0), MyReparam()) ** 2
+        >>> float(f.grad(jax.random.key(0), 1.0)) == float(
+        ...     f.grad(jax.random.key(0), 1.0))
+        True
+    """
+
+    continuation: AbstractClassVar[bool]
+    pathwise: AbstractClassVar[bool]
+    score_function: AbstractClassVar[bool]
+
+    def __init_subclass__(cls, **kwargs):
+        # Finality is checked here: equinox >= 0.13 accepts `strict=True` but no longer
+        # enforces it (abstract classes and abstract methods it still checks).
+        super().__init_subclass__(**kwargs)
+        for base in cls.__bases__:
+            if issubclass(base, AbstractEstimator) and not _is_abstract(base):
+                kind = ("AbstractContinuationEstimator" if base.continuation
+                        else "AbstractLocalEstimator")
+                raise TypeError(
+                    f"{base.__name__} is a concrete estimator and concrete estimators are "
+                    f"final: {cls.__name__} cannot subclass it. Subclass px.{kind} and "
+                    f"write the estimator out (or hold a {base.__name__} as a field)."
+                )
+
+    @abc.abstractmethod
+    def check(self, distribution: dist.Distribution, site: str) -> None:
+        """Raise `UnsupportedEstimatorError` naming `site` if `distribution` is unsupported.
+
+        Called when the site is traced, with the site's label for the message.
+        """
+
+    def checks_continuity(self) -> bool:
+        """Whether the continuity check judges this estimator's sites.
+
+        True for a `pathwise` estimator, unless the instance opts out with a field
+        `allow_discontinuous` set to True (as `px.Reparam(allow_discontinuous=True)`
+        does). Not overridden: a pathwise estimator declares that field to opt out.
+        """
+        return bool(self.pathwise) and not getattr(self, "allow_discontinuous", False)
+
+
+def _is_abstract(cls: type) -> bool:
+    """Whether an estimator class is abstract (a method or a class-level flag left open)."""
+    return bool(getattr(cls, "__abstractmethods__", ()) or getattr(cls, "__abstractvars__", ())
+                or getattr(cls, "__abstractclassvars__", ()))
+
+
+class AbstractLocalEstimator(AbstractEstimator):
+    """An estimator that needs only the program's final value (works inside loops).
+
+    Implement `check` and `local`, and state `pathwise` and `score_function`.
     """
 
     continuation: ClassVar[bool] = False
 
-    def check(self, distribution: dist.Distribution, site: str) -> None:
-        """Raise `UnsupportedEstimatorError` naming `site` if `distribution` is unsupported."""
-
-
-class AbstractLocalEstimator(AbstractEstimator):
-    """An estimator that needs only the program's final value (works inside loops)."""
-
+    @abc.abstractmethod
     def local(
         self, key: Array, distribution: dist.Distribution, surrogate: bool
     ) -> tuple[Array, Array | None, Array | None]:
-        """Draw the site's value; in surrogate mode also return the `A` and `B` terms."""
-        raise NotImplementedError
+        """Draw the site's value; in surrogate mode also return the `A` and `B` terms.
+
+        Returns `(x, A, B)`: the drawn value (carrying the derivative of the parameters
+        exactly when the estimator is `pathwise`), and the site's contributions to the
+        surrogate accumulators (`A += log q - sg(log q)` and `B += sg(b) * (log q -
+        sg(log q))` for a score function with baseline `b`; see the module docstring), or
+        None for no contribution. Value mode (`surrogate=False`) returns `(x, None, None)`.
+        """
 
     def run_plate(
         self, key, distribution, k, dtype, site: str
@@ -108,10 +197,14 @@ class AbstractLocalEstimator(AbstractEstimator):
 
 
 class AbstractContinuationEstimator(AbstractEstimator):
-    """An estimator that evaluates the rest of the program (the continuation) itself."""
+    """An estimator that evaluates the rest of the program (the continuation) itself.
+
+    Implement `check` and `run`, and state `pathwise` and `score_function`.
+    """
 
     continuation: ClassVar[bool] = True
 
+    @abc.abstractmethod
     def run(
         self,
         key: Array,
@@ -129,7 +222,6 @@ class AbstractContinuationEstimator(AbstractEstimator):
         for error messages. Return the combined outputs
         and the first invalid id over all evaluations (`first_invalid`).
         """
-        raise NotImplementedError
 
 
 def _law(distribution: dist.Distribution, site: str) -> dist.Distribution:
@@ -159,6 +251,8 @@ class Reparam(AbstractLocalEstimator):
     Reference: Kingma & Welling 2014; Figurnov et al. 2018 (implicit reparameterisation).
     """
 
+    pathwise: ClassVar[bool] = True
+    score_function: ClassVar[bool] = False
     allow_discontinuous: bool = eqx.field(static=True, default=False)
 
     def check(self, distribution, site):
@@ -240,6 +334,8 @@ class Reinforce(AbstractLocalEstimator):
     Reference: Williams 1992; Mohamed et al. 2020, section 4; Mnih & Gregor 2014 (NVIL).
     """
 
+    pathwise: ClassVar[bool] = False
+    score_function: ClassVar[bool] = True
     baseline: Any = None
     rao_blackwellise: bool = eqx.field(static=True, default=True)
 
@@ -277,44 +373,6 @@ class Reinforce(AbstractLocalEstimator):
         scores = log_q - sg(log_q)
         return x, jnp.sum(scores), jnp.sum(sg(jnp.asarray(b)).astype(scores.dtype) * scores)
 
-    def run_plate(self, key, distribution, k, dtype, site):
-        """Per-element scores `Σ_i (log q_i - sg)(sg(g_i(x_i)) - b_i)` where `k` is a plate sum."""
-        if not self.rao_blackwellise or not _factorisable(distribution):
-            return None
-        x = sg(distribution.sample(key)).astype(dtype)
-        n = distribution.shape()[0]
-        sep, _ = _separated(k, x[None], n)
-        if sep is None:
-            return None
-        b = self._baseline_value()
-        if b is not None and jnp.ndim(b) == 0:
-            raise UnsupportedEstimatorError(
-                f"{site}: a scalar Reinforce baseline on a site that is Rao-Blackwellised "
-                f"per element (its {n} elements' terms are added up by the rest of the "
-                "program, and element i's score multiplies only its own term g_i). A "
-                "scalar is a baseline for the whole objective, and neither b/n nor the "
-                "other elements' mean is a safe baseline for g_i (each can multiply the "
-                "gradient variance when the elements' terms differ in scale). Pass a "
-                f"per-element baseline of shape ({n},), no baseline, or "
-                "px.Reinforce(baseline=b, rao_blackwellise=False) to score the whole "
-                "objective against the scalar."
-            )
-        log_q = _element_log_density(_law(distribution, site), x[None], n)[0]  # (n,)
-        score = log_q - sg(log_q)
-        outs = []
-        for t, result in zip(sep.tags, sep.results):
-            if t.kind == _PLAIN:
-                outs.append(result[0])  # does not depend on the site: no score term
-            else:
-                vec, const = result[0][0], result[1][0]
-                tail = (1,) * (vec.ndim - 1)
-                s_ = score.reshape(score.shape + tail).astype(vec.dtype)
-                centred = sg(vec)
-                if b is not None:
-                    centred = centred - sg(jnp.asarray(b)).reshape((n,) + tail).astype(vec.dtype)
-                outs.append(jnp.sum(vec, axis=0) + const + jnp.sum(centred * s_, axis=0))
-        return _unflatten(sep, outs, sep.invalid)
-
 
 def _scalar_support(distribution: dist.Distribution, site: str) -> Array:
     """The support of one scalar entry of a finite-support site, shape `(K,)`."""
@@ -330,6 +388,13 @@ def _scalar_support(distribution: dist.Distribution, site: str) -> Array:
             f"{base.event_shape}) is supported only entry by entry, for scalar events. "
             "Use an unbatched site per element, px.mvd or px.reinforce."
         )
+    # supports that do not depend on the parameters' values, as constants
+    if isinstance(base, (dist.BernoulliProbs, dist.BernoulliLogits)):
+        return np.arange(2)
+    if isinstance(base, dist.CategoricalLogits):
+        return np.arange(jnp.shape(base.logits)[-1])
+    if isinstance(base, dist.CategoricalProbs):
+        return np.arange(jnp.shape(base.probs)[-1])
     return base.enumerate_support(expand=False).reshape(-1)
 
 
@@ -345,7 +410,10 @@ def _joint_values(support: Array, shape: tuple[int, ...], site: str, what: str) 
             "px.reinforce, or split the site."
         )
     combos = np.array(list(itertools.product(range(support.shape[0]), repeat=n)), np.int32)
-    return support[combos.reshape((size,) + tuple(shape))]
+    combos = combos.reshape((size,) + tuple(shape))
+    if not isinstance(support, jax.core.Tracer):  # a constant support: no gather to trace
+        return np.asarray(support)[combos]
+    return support[combos]
 
 
 def _support_values(distribution: dist.Distribution, site: str, dtype) -> Array:
@@ -358,10 +426,15 @@ def _support_values(distribution: dist.Distribution, site: str, dtype) -> Array:
 
 
 def _element_values(distribution: dist.Distribution, site: str, dtype) -> Array:
-    """Joint values of one element along batch axis 0, shape `(V,) + shape[1:]`."""
-    support = _scalar_support(distribution, site)
-    shape = distribution.shape()[1:]
-    return _joint_values(support, shape, site, "one element of batch axis 0").astype(dtype)
+    """Joint values of one element along batch axis 0, shape `(V,) + shape[1:]`.
+
+    A constant where the support does not depend on traced values (Bernoulli, Categorical):
+    computed at trace time, so the compiled program holds the values, not their recipe.
+    """
+    with jax.ensure_compile_time_eval():
+        support = _scalar_support(distribution, site)
+        shape = distribution.shape()[1:]
+        return _joint_values(support, shape, site, "one element of batch axis 0").astype(dtype)
 
 
 def _factorisable(distribution: dist.Distribution) -> bool:
@@ -425,12 +498,30 @@ def _unflatten(sep: _Separated, outs: list, invalid) -> tuple[list, Array]:
 def _element_log_density(law, values, n):
     """Per-element log densities `(A, n)` of alternatives `(A,) + shape` (no clamps)."""
     log_q = jax.vmap(lambda v: log_density(law, v))(values)  # (A,) + batch_shape
+    if log_q.shape[1:] == (n,):
+        return log_q
     return log_q.reshape(log_q.shape[:1] + (n, -1)).sum(-1)
+
+
+def _broadcasts_values(law) -> bool:
+    """Whether `_laws.mass` of this law reads leading value axes as sample axes: the
+    laws it computes from the parameters (Bernoulli, Categorical), possibly expanded,
+    made independent or masked (their `_laws` rules broadcast the value)."""
+    while isinstance(law, (dist.ExpandedDistribution, dist.Independent,
+                           dist.MaskedDistribution)):
+        law = law.base_dist
+    return isinstance(law, (dist.BernoulliProbs, dist.BernoulliLogits,
+                            dist.CategoricalProbs, dist.CategoricalLogits))
 
 
 def _element_mass(law, values, n):
     """Per-element probabilities `(A, n)` of alternatives `(A,) + shape` (`_laws.mass`)."""
-    q = jax.vmap(lambda v: mass(law, v))(values)  # (A,) + batch_shape
+    if _broadcasts_values(law):  # `mass` takes the leading axis as a sample axis
+        q = mass(law, values)
+    else:
+        q = jax.vmap(lambda v: mass(law, v))(values)  # (A,) + batch_shape
+    if q.shape[1:] == (n,):
+        return q
     return q.reshape(q.shape[:1] + (n, -1)).prod(-1)
 
 
@@ -454,7 +545,7 @@ def _enum_factorised(distribution, k, dtype, site):
             outs.append(result[0])
         else:
             vec, const = result
-            outs.append(_weighted_sum(q, vec, 2) + const[0])
+            outs.append(_weighted_sum(q, vec, 2) + (0 if const is None else const[0]))
     return _unflatten(sep, outs, sep.invalid), None
 
 
@@ -478,6 +569,9 @@ class Enum(AbstractContinuationEstimator):
     operation that combines its elements. Both are exact. A continuation estimator:
     refused inside loop bodies.
     """
+
+    pathwise: ClassVar[bool] = False
+    score_function: ClassVar[bool] = False
 
     def check(self, distribution, site):
         law = _law(distribution, site)
@@ -591,6 +685,9 @@ class MVD(AbstractContinuationEstimator):
     machine learning", section 6 and table 1; Pflug 1989.
     """
 
+    pathwise: ClassVar[bool] = False
+    score_function: ClassVar[bool] = False
+
     def check(self, distribution, site):
         base = _univariate_base(_law(distribution, site))
         if not isinstance(base, _MVD_FAMILIES) or base.event_shape != ():
@@ -697,7 +794,7 @@ def _mvd_factorised(x, terms, k, shape, dtype):
             outs.append(result[0])
             continue
         vec, const = result  # (A, n) + out shape, (A,) + out shape
-        out = jnp.sum(vec[0], axis=0) + const[0]
+        out = jnp.sum(vec[0], axis=0) + (0 if const is None else const[0])
         frozen = sg(vec)
         correction = jnp.zeros_like(out)
         for term, (element_index, (plus_rows, minus_rows)) in zip(terms, layout):
@@ -725,6 +822,8 @@ class LeaveOneOut(AbstractContinuationEstimator):
     free!"; Mnih & Rezende 2016 (VIMCO).
     """
 
+    pathwise: ClassVar[bool] = False
+    score_function: ClassVar[bool] = True
     num_samples: int = eqx.field(static=True, default=4)
 
     def check(self, distribution, site):

@@ -101,7 +101,7 @@ def _as_key(key) -> jax.Array:
 
 
 def _trace(
-    fn: Callable, args: tuple, kwargs: dict, check: bool = True
+    fn: Callable, args: tuple, kwargs: dict, check: bool = True, required: tuple = ()
 ) -> tuple[core.Jaxpr, list, Any]:
     """Trace `fn` to a closed-over-nothing jaxpr `(constants..., args...) -> outputs`.
 
@@ -110,10 +110,17 @@ def _trace(
     still uses (constants first), and the output tree.
     """
     flat, in_tree = jax.tree.flatten((args, kwargs))
+    # Python ints, bools, strings (anything that is not array-like) stay Python values,
+    # as NumPyro and jax.jit(static_argnums) users expect: a plate size or a layer width
+    # passed as an argument is a constant of the program, not a tracer.
+    static = [not _traced_leaf(x) for x in flat]
+    flat = [x for x, s in zip(flat, static) if not s]
+    constants = [x for x, s in zip(jax.tree.leaves((args, kwargs)), static) if s]
 
-    def flat_fn(*flat):
+    def flat_fn(*traced):
         with tracing_expectation():
-            args, kwargs = jax.tree.unflatten(in_tree, flat)
+            leaves = _merge(static, traced, constants)
+            args, kwargs = jax.tree.unflatten(in_tree, leaves)
             return fn(*args, **kwargs)
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*flat)
@@ -131,8 +138,13 @@ def _trace(
     jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
     jaxpr, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
     inputs = [x for x, keep in zip([*closed.consts, *flat], used, strict=True) if keep]
+    if required:
+        _refuse_unread(fn, args, kwargs, static, used[len(closed.consts):], required)
     if check:
-        check_continuity(jaxpr)
+        # concrete constants closed over are not differentiated (nothing moves them)
+        fixed = [i < len(closed.consts) and not isinstance(x, jax.core.Tracer)
+                 for i, x in enumerate([*closed.consts, *flat])]
+        check_continuity(jaxpr, [f for f, keep in zip(fixed, used, strict=True) if keep])
     return jaxpr, inputs, out_tree
 
 
@@ -154,9 +166,12 @@ class Expectation:
         self.fn = fn
         functools.update_wrapper(self, fn)
         self._messages: list[str] = []  # run-time check messages, indexed by `invalid`
-        self._estimate = jax.jit(self._estimate_impl)
-        self._grad = jax.jit(self._grad_impl, static_argnums=0)
-        self._value_and_grad = jax.jit(self._value_and_grad_impl, static_argnums=0)
+        #: positions (after the key, from 0) of parameter arguments every leaf of which the
+        #: program must read (set by `px.vi.AbstractObjective`; none for user programs)
+        self._required_params: tuple[int, ...] = ()
+        self._estimate = jax.jit(self._estimate_impl, static_argnums=0)
+        self._grad = jax.jit(self._grad_impl, static_argnums=(0, 1))
+        self._value_and_grad = jax.jit(self._value_and_grad_impl, static_argnums=(0, 1))
 
     def __call__(self, *args, **kwargs):
         if inside_expectation():
@@ -174,7 +189,8 @@ class Expectation:
             raise TypeError("an expectation is called as f(key, *args).")
         key, *rest = args
         key = _as_key(key)
-        jaxpr, inputs, out_tree = _trace(self.fn, tuple(rest), kwargs)
+        jaxpr, inputs, out_tree = _trace(self.fn, tuple(rest), kwargs,
+                                         required=self._required_params)
         outs, invalid = _estimate(_Program(jaxpr, self._messages), key, inputs)
         out = jax.tree.unflatten(out_tree, outs)
         return out, (invalid if has_validated_sites(jaxpr) else None)
@@ -195,7 +211,8 @@ class Expectation:
             raise InvalidParameterError(text.removeprefix("px.InvalidParameterError: "))
         return result
 
-    def _estimate_impl(self, key, *args, **kwargs):
+    def _estimate_impl(self, spec, key, arrays):
+        args, kwargs = _join_static(spec, arrays)
         return self._run((key, *args), kwargs)
 
     def estimate(self, key, *args, **kwargs):
@@ -204,7 +221,8 @@ class Expectation:
         Raises `px.InvalidParameterError` naming the site, the parameter and its constraint
         when a site's traced parameters violate their constraints (numpyro validate_args).
         """
-        return self._checked(*self._estimate(key, *args, **kwargs))
+        spec, arrays = _split_static(args, kwargs)
+        return self._checked(*self._estimate(spec, key, arrays))
 
     def _scalar(self, key, *args, **kwargs):
         out, invalid = self._run((key, *args), kwargs)
@@ -216,14 +234,16 @@ class Expectation:
             )
         return out, invalid
 
-    def _grad_impl(self, argnums, key, *args, **kwargs):
+    def _grad_impl(self, argnums, spec, key, arrays):
+        args, kwargs = _join_static(spec, arrays)
         positions = _positions(argnums, len(args))
         grads, invalid = jax.grad(self._scalar, argnums=positions, has_aux=True)(
             key, *args, **kwargs
         )
         return (grads[0] if isinstance(argnums, int) else grads), invalid
 
-    def _value_and_grad_impl(self, argnums, key, *args, **kwargs):
+    def _value_and_grad_impl(self, argnums, spec, key, arrays):
+        args, kwargs = _join_static(spec, arrays)
         positions = _positions(argnums, len(args))
         (value, grads), invalid = _value_and_grad_aux(self._scalar, positions)(
             key, *args, **kwargs
@@ -242,12 +262,14 @@ class Expectation:
         `estimate`).
         """
         argnums = _check_argnums(argnums, len(args))
-        return self._checked(*self._grad(argnums, key, *args, **kwargs))
+        spec, arrays = _split_static(args, kwargs)
+        return self._checked(*self._grad(argnums, spec, key, arrays))
 
     def value_and_grad(self, key, *args, argnums: int | tuple[int, ...] = 1, **kwargs):
         """`(estimate, gradient estimate)` from the same draws (jitted); `argnums` as `grad`."""
         argnums = _check_argnums(argnums, len(args))
-        return self._checked(*self._value_and_grad(argnums, key, *args, **kwargs))
+        spec, arrays = _split_static(args, kwargs)
+        return self._checked(*self._value_and_grad(argnums, spec, key, arrays))
 
 
 def _check_argnums(argnums, num_args: int) -> int | tuple[int, ...]:
@@ -277,6 +299,58 @@ def _check_argnums(argnums, num_args: int) -> int | tuple[int, ...]:
 def _positions(argnums, num_args: int) -> tuple[int, ...]:
     del num_args
     return argnums if isinstance(argnums, tuple) else (argnums,)
+
+
+def _refuse_unread(fn, args, kwargs, static, used, required) -> None:
+    """Refuse parameter leaves (of the arguments at positions `required`) that the
+    program never reads: a misspelt or unknown key would silently get a zero gradient."""
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]]
+    traced_paths = [path for path, s in zip(paths, static) if not s]
+    unread = [path for path, keep in zip(traced_paths, used, strict=True)
+              if not keep and path[0].idx == 0 and path[1].idx in required]
+    if unread:
+        names = ["/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                          for k in path[2:]) or f"argument {path[1].idx + 1}"
+                 for path in unread]
+        name = getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn)))
+        raise ValueError(
+            f"params entries {names} are not read by {name} (no computation of the "
+            "program uses their values), so their gradient would silently be 0: a "
+            "misspelt or unknown name? Remove them or fix the name."
+        )
+
+
+def _traced_leaf(x) -> bool:
+    """Whether an argument leaf is traced (array-like) rather than kept as a Python value."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, float, complex)) and not (
+        isinstance(x, bool))
+
+
+def _merge(static: list[bool], traced, constants) -> list:
+    """Interleave traced leaves and static constants back into the flat argument order."""
+    traced, constants = iter(traced), iter(constants)
+    return [next(constants) if s else next(traced) for s in static]
+
+
+def _split_static(args: tuple, kwargs: dict):
+    """`(spec, arrays)`: a hashable spec of the non-array leaves and the array leaves.
+
+    Lets the jitted methods keep Python ints, bools and strings static (compiled in), as
+    `_trace` does; an unhashable non-array leaf is passed on (and fails there by name).
+    """
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    static = tuple(not _traced_leaf(x) for x in leaves)
+    constants = tuple(x for x, s in zip(leaves, static) if s)
+    try:
+        hash(constants)
+    except TypeError:
+        return (treedef, tuple(False for _ in leaves), ()), leaves
+    return (treedef, static, constants), [x for x, s in zip(leaves, static) if not s]
+
+
+def _join_static(spec, arrays) -> tuple[tuple, dict]:
+    treedef, static, constants = spec
+    return jax.tree.unflatten(treedef, _merge(list(static), arrays, constants))
 
 
 def _all_concrete_arrays(args, kwargs) -> bool:

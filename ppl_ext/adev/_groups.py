@@ -1,45 +1,64 @@
-"""Plate groups: several plate-batched `px.enum` sites enumerated per element together.
+"""Plate groups: plate-batched enum, mvd and reinforce sites evaluated per element together.
 
 `_separable.py` decides whether the rest of a program is a sum of per-element terms in one
 site's elements. Evaluating that on the *interpreted* continuation would mean analysing
 the code that the estimators of later sites generate (weighted sums, gathers of
-alternatives), which its rules do not know; two plate-batched `px.enum` sites then did not
-compose (joint enumeration, or a refusal blaming ppl_ext's own code) and every failure
+alternatives, score terms), which its rules do not know; two plate-batched sites then did
+not compose (joint enumeration, or a refusal blaming ppl_ext's own code) and every failure
 re-traced the rest of the program.
 
 Here the rest of the *user's* program is evaluated once with tags (the `_separable`
-rules, equation by equation, on the user's equations). Later sites are handled by rules
-that know their meaning, not by analysing the code their estimators generate:
+rules, equation by equation, on the user's equations), starting at the first
+plate-batched `px.enum`, `px.mvd` or (Rao-Blackwellised) `px.reinforce` site (the
+*leader*). Later sites are handled by rules that know their meaning, never by analysing
+the code their estimators generate:
 
-- a *member* of the group (a `px.enum` site whose leading batch axis is the same plate of
-  `n` elements and whose per-element log density depends on the group's elements per
-  element): the rest of the program is evaluated for each of its element values `u`, with
-  every element set to `u` (vectorised), and the per-element terms are combined with its
-  per-element probabilities `q_i(u)`, all inside the enclosing evaluation;
-- a site whose parameters do not depend on the group: drawn by its (local) estimator as
-  usual, its score terms accumulate as usual;
+- a *member* of the group is a site whose leading batch axis is the same plate of `n`
+  elements and whose per-element log density depends on the group's elements per element
+  (or not at all):
+  - `px.enum` members whose element values are constants (Bernoulli, Categorical) are
+    *planned* before the evaluation starts, from the equations (`_plan`), and enumerated
+    together with the leader in one flat vmap over all joint values of their elements
+    (each member's value set in every element); inside it each member's value is given,
+    its per-element probabilities multiply a per-element weight `w_i`, and at the end of
+    the program the per-element terms are multiplied by `w_i` and added up over the
+    joint values (`_flat_run`). Members beyond `MAX_FLAT_SIZE` joint values, or with
+    supports that depend on traced values, get a vmap of their own (`_enumerate`);
+  - `px.mvd` members: the rest of the program at the draw and at its perturbations, each
+    perturbation changing one entry in every element (`_mvd`);
+  - `px.reinforce` members: the rest of the program at the draw; element `i`'s score
+    multiplies element `i`'s term only, minus its per-element baseline (`_reinforce`);
+- a site whose parameters do not depend on the group and that is not on the plate: drawn
+  by its (local) estimator as usual, its score terms accumulate as usual;
 - a reparameterised site whose parameters depend on the group per element: its draw is
   tagged by evaluating the sampler with tags.
 
 Anything else (a continuation estimator outside the group, a score-function site whose
-law depends on the group, sites inside control flow, a value that mixes elements) stops
-the group evaluation, and the site falls back to its own estimator (`Enum.run`).
+law mixes the group's elements, sites inside control flow, a value that mixes elements)
+stops the group evaluation, and the leader falls back to its own estimator (`Enum.run`,
+`MVD.run`, or `Reinforce.local`: the score of the whole objective).
 
-For a group of `m` sites with `K_j` values per element the rest of the program runs
-`Π_j K_j` times (vectorised) and is traced once: trace time is linear in the number of
-sites. The result is exact: `E[k] = Σ_i Σ_{u_1..u_m} Π_j q_{j,i}(u_j | ...) g_i(u_1..u_m) + h`.
+For `m` enum members with `K_j` values per element the rest of the program runs `Π_j K_j`
+times in one vmap and is traced once: trace time is linear in the number of sites. The
+result is exact: `E[k] = Σ_i Σ_{u_1..u_m} Π_j q_{j,i}(u_j | ...) g_i(u_1..u_m) + h`.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core
 
 from . import _separable as sep
+from ._errors import UnsupportedEstimatorError
 from ._estimators import (
     Enum,
     MVD,
+    Reinforce,
     Reparam,
     _element_log_density,
     _element_mass,
@@ -51,6 +70,7 @@ from ._estimators import (
     first_invalid,
     mvd_alternatives,
 )
+from ._laws import mass as _mass
 from ._primitives import nested_p, sample_p
 
 P, L, S, X = sep.P, sep.L, sep.S, sep.X
@@ -66,19 +86,40 @@ def enumerate_group(distribution, resume, acc, dtype, site: str):
     Returns `(outputs, invalid)` of the whole program (surrogates in surrogate mode, with
     `acc` applied), or raises `NotSeparable`.
     """
-    from ._interpreter import add_acc, finish, merge_invalid
+    from ._interpreter import add_acc, finish
 
     if not _factorisable(distribution):
         raise NotSeparable("the site has no plate axis")
     if not _reaches_finish(resume):
         raise NotSeparable("the rest of the program is not available here")
+    _VERDICTS.clear()
     n = distribution.batch_shape[0]
     env = {var: sep.Val(P, arr=val) for var, val in resume.env.items()}
     frame = _Frame(resume.jaxpr, resume.index, resume.scope, resume.cont)
-    outs, score, baseline, invalid = _enumerate(distribution, frame, env, dtype, site, n)
+    values = _element_values(distribution, site, dtype)  # (V,) + shape[1:]
+    flat = _Flat()
+    if isinstance(values, np.ndarray):  # the site is the flat enumeration's first member
+        leader = (id(frame.jaxpr), frame.index)
+        flat.add(leader, values)
+        # the site's probabilities do not depend on the rest: computed once, outside
+        alternatives = np.broadcast_to(values[:, None], (values.shape[0], n) + values.shape[1:])
+        flat.weights = _element_mass(_law(distribution, site), alternatives, n)  # (V, n)
+
+        def rest():
+            value = flat.value(flat.position[leader], n)
+            flat.visited.add(leader)
+            weight = flat.values[-1]  # (n,), unclamped
+            env2 = dict(env)
+            _write(env2, frame.eqn, [sep.Val(L, arr=value, axis=0)])
+            return _run(frame, env2, n, flat, weight)
+    else:
+        def rest():
+            return _enumerate(distribution, frame, env, dtype, site, n, flat, None)
+    _plan(flat, frame, n)
+    outs, score, baseline, invalid = _flat_run(flat, rest)
     acc = add_acc(acc, score, baseline)
     return finish([v.array() for v in outs],
-                  acc._replace(invalid=merge_invalid(acc.invalid, invalid)))
+                  acc._replace(invalid=_merge_invalid(acc.invalid, invalid)))
 
 
 class _Frame:
@@ -103,26 +144,30 @@ def _reaches_finish(resume) -> bool:
     return cont is finish
 
 
-def _enumerate(distribution, frame, env, dtype, site, n):
-    """Enumerate one member: the tagged rest of the program for each element value.
+def _enumerate(distribution, frame, env, dtype, site, n, flat, weight):
+    """Enumerate one member by a vmap of its own (a member the flat plan does not hold).
 
-    `env` holds the tagged values of `frame`'s scope before the member's equation.
-    Returns the program's outputs (`P` or `S` values, combined over the member's values)
-    and the score, baseline and invalid accumulators of the rest of the program.
+    `env` holds the tagged values of `frame`'s scope before the member's equation; `weight`
+    the flat members' per-element weights so far (None: 1). Returns the program's outputs
+    (`P` or `S` values, combined over the member's values), the score, baseline and
+    invalid accumulators of the rest of the program, and the flat weights (see `_run`).
     """
     values = _element_values(distribution, site, dtype)  # (V,) + shape[1:]
     alternatives = jnp.broadcast_to(values[:, None], (values.shape[0], n) + values.shape[1:])
     weights = _element_mass(_law(distribution, site), alternatives, n)  # (V, n), unclamped
-    tags, leaves, score, baseline, invalid = _evaluate(frame, env, alternatives, n)
+    tags, leaves, score, baseline, invalid, later = _evaluate(frame, env, alternatives, n,
+                                                               flat, weight)
+    if later is not None:  # Σ_u q_u(value) · (flat weights after u), per element
+        later = jnp.sum(jax.lax.stop_gradient(weights).astype(later.dtype) * later, axis=0)
     outs = []
     for kind, leaf in zip(tags, leaves, strict=True):
         if kind == P:
             outs.append(sep.Val(P, arr=leaf[0]))
         else:  # S: per-element terms (V, n) + shape; const (V,) + shape, the same for all V
             vec, const = leaf
-            outs.append(sep.Val(S, vec=_per_element_sum(weights, vec), const=const[0]))
+            outs.append(sep.Val(S, vec=_per_element_sum(weights, vec), const=_first(const)))
 
-    return outs, _first(score), _first(baseline), first_invalid(invalid)
+    return outs, _first(score), _first(baseline), _first_invalid(invalid), later
 
 
 def mvd_group(distribution, resume, acc, key, dtype, site: str):
@@ -130,24 +175,27 @@ def mvd_group(distribution, resume, acc, key, dtype, site: str):
 
     Returns `(outputs, invalid)` of the whole program, or raises `NotSeparable`.
     """
-    from ._interpreter import add_acc, finish, merge_invalid
+    from ._interpreter import add_acc, finish
 
     if not _factorisable(distribution):
         raise NotSeparable("the site has no plate axis")
     if not _reaches_finish(resume):
         raise NotSeparable("the rest of the program is not available here")
+    _VERDICTS.clear()
     n = distribution.batch_shape[0]
     env = {var: sep.Val(P, arr=val) for var, val in resume.env.items()}
     frame = _Frame(resume.jaxpr, resume.index, resume.scope, resume.cont)
     key_x, key_mvd = jax.random.split(key)
     x = jax.lax.stop_gradient(distribution.sample(key_x)).astype(dtype)
-    outs, score, baseline, invalid = _mvd(distribution, frame, env, x, key_mvd, site, n)
+    flat = _plan(_Flat(), frame, n)
+    outs, score, baseline, invalid = _flat_run(
+        flat, lambda: _mvd(distribution, frame, env, x, key_mvd, site, n, flat, None))
     acc = add_acc(acc, score, baseline)
     return finish([v.array() for v in outs],
-                  acc._replace(invalid=merge_invalid(acc.invalid, invalid)))
+                  acc._replace(invalid=_merge_invalid(acc.invalid, invalid)))
 
 
-def _mvd(distribution, frame, env, x, key, site, n):
+def _mvd(distribution, frame, env, x, key, site, n, flat, weight):
     """One MVD member: the tagged rest of the program at `x` and at its perturbations.
 
     Element `i`'s entries are perturbed in every element at once (one evaluation per entry
@@ -165,7 +213,8 @@ def _mvd(distribution, frame, env, x, key, site, n):
         stacked, layout = perturbed
     else:
         terms, layout, stacked = [], [], x[None]
-    tags, leaves, score, baseline, invalid = _evaluate(frame, env, stacked, n)
+    tags, leaves, score, baseline, invalid, later = _evaluate(frame, env, stacked, n, flat,
+                                                               weight)
     outs = []
     for kind, leaf in zip(tags, leaves, strict=True):
         if kind == P:  # does not depend on the group: no correction
@@ -183,80 +232,399 @@ def _mvd(distribution, frame, env, x, key, site, n):
             coeff = coeff.reshape(coeff.shape + (1,) * (out.ndim - 1)).astype(out.dtype)
             out = out + jax.ops.segment_sum(coeff * (plus - minus), element_index,
                                             num_segments=n)
-        outs.append(sep.Val(S, vec=out, const=const[0]))
+        outs.append(sep.Val(S, vec=out, const=_first(const)))
 
-    return outs, _first(score), _first(baseline), first_invalid(invalid)
+    return outs, _first(score), _first(baseline), _first_invalid(invalid), _first(later)
+
+
+def reinforce_group(estimator, distribution, resume, acc, key, dtype, site: str):
+    """Per-element Rao-Blackwellised score of a plate-batched `px.reinforce` site.
+
+    The rest of the user's program is evaluated with the site's draw tagged per element;
+    where its outputs are sums of per-element terms `g_i`, element `i`'s score multiplies
+    only `g_i` (minus its baseline `b_i`). Later group members (enum, mvd, reinforce sites
+    on the same plate) are handled inside that evaluation. Returns `(outputs, invalid)`
+    of the whole program (surrogates, with `acc` applied), or raises `NotSeparable`.
+    """
+    from ._interpreter import add_acc, finish
+
+    if not estimator.rao_blackwellise or not _factorisable(distribution):
+        raise NotSeparable("the site is not Rao-Blackwellised per element")
+    if not _reaches_finish(resume):
+        raise NotSeparable("the rest of the program is not available here")
+    _VERDICTS.clear()
+    n = distribution.batch_shape[0]
+    env = {var: sep.Val(P, arr=val) for var, val in resume.env.items()}
+    frame = _Frame(resume.jaxpr, resume.index, resume.scope, resume.cont)
+    x = jax.lax.stop_gradient(distribution.sample(key)).astype(dtype)  # as `local` draws
+    flat = _plan(_Flat(), frame, n)
+    outs, score, baseline, invalid = _flat_run(
+        flat, lambda: _reinforce(estimator, distribution, frame, env, x, site, n, flat, None))
+    acc = add_acc(acc, score, baseline)
+    return finish([v.array() for v in outs],
+                  acc._replace(invalid=_merge_invalid(acc.invalid, invalid)))
+
+
+def _reinforce(estimator, distribution, frame, env, x, site, n, flat, weight):
+    """One reinforce member: the tagged rest of the program at the draw `x`.
+
+    Per-element terms `g_i` become `g_i + (sg(g_i) - b_i) · (log q_i(x_i) - sg)` (surrogate
+    mode): element `i`'s score multiplies its own term only. Plain outputs do not depend
+    on the draw and get no score term. Under flat members (whose weights `w_i` the terms
+    already carry), the baseline is weighted alike: `(sg(w_i g_i) - sg(w_i) b_i)`.
+    """
+    env = dict(env)
+    _write(env, frame.eqn, [sep.Val(L, arr=x, axis=0)])
+    outs, score, baseline, invalid, weight = _run(frame, env, n, flat, weight)
+    if not frame.scope.surrogate:
+        return outs, score, baseline, invalid, weight
+    b = estimator._baseline_value()
+    if b is not None and jnp.ndim(b) == 0:
+        raise UnsupportedEstimatorError(_scalar_baseline_message(site, n))
+    log_q = _element_log_density(_law(distribution, site), x[None], n)[0]  # (n,)
+    s = log_q - jax.lax.stop_gradient(log_q)
+    scored = []
+    for v in outs:
+        if v.kind == P:
+            scored.append(v)
+            continue
+        vec = v.vec  # (n,) + shape
+        tail = (1,) * (vec.ndim - 1)
+        centred = jax.lax.stop_gradient(vec)
+        if b is not None:
+            b_i = jnp.asarray(b).astype(vec.dtype)
+            if weight is not None:
+                b_i = b_i * weight.astype(vec.dtype)
+            centred = centred - jax.lax.stop_gradient(b_i).reshape((n,) + tail)
+        scored.append(sep.Val(S, vec=vec + centred * s.reshape((n,) + tail).astype(vec.dtype),
+                              const=v.const))
+    return scored, score, baseline, invalid, weight
+
+
+def _scalar_baseline_message(site, n):
+    return (
+        f"{site}: a scalar Reinforce baseline on a site that is Rao-Blackwellised "
+        f"per element (its {n} elements' terms are added up by the rest of the "
+        "program, and element i's score multiplies only its own term g_i). A "
+        "scalar is a baseline for the whole objective, and neither b/n nor the "
+        "other elements' mean is a safe baseline for g_i (each can multiply the "
+        "gradient variance when the elements' terms differ in scale). Pass a "
+        f"per-element baseline of shape ({n},), no baseline, or "
+        "px.Reinforce(baseline=b, rao_blackwellise=False) to score the whole "
+        "objective against the scalar."
+    )
 
 
 def _first(accumulator):
-    """One alternative's accumulator: the sites scored after a member do not depend on the
-    group's values (their laws are plain), so every alternative has the same."""
+    """One alternative's accumulator (or plain part): the sites scored after a member do
+    not depend on the group's values (their laws are plain), so every alternative has the
+    same. None (statically zero) stays None."""
     return None if accumulator is None else accumulator[0]
 
 
-def _evaluate(frame, env, alternatives, n):
+def _evaluate(frame, env, alternatives, n, flat, weight):
     """The tagged rest of the program for each alternative value of `frame`'s site.
 
     Vectorised over the leading axis of `alternatives`: returns the output kinds (`P` or
-    `S`), their arrays (`arr`, or `(vec, const)` for `S`) and the accumulators, each with
-    that leading axis.
+    `S`), their arrays (`arr`, or `(vec, const)` for `S`), the accumulators and the flat
+    weights, each with that leading axis.
     """
     tags: list = []
 
     def evaluate(alternative):
         env2 = dict(env)
         _write(env2, frame.eqn, [sep.Val(L, arr=alternative, axis=0)])
-        outs, score, baseline, invalid = _run(frame, env2, n)
+        outs, score, baseline, invalid, later = _run(frame, env2, n, flat, weight)
+        tags[:] = [v.kind for v in outs]
+        leaves = [(v.vec, v.const) if v.kind == S else v.arr for v in outs]
+        return leaves, score, baseline, invalid, later
+
+    leaves, score, baseline, invalid, later = jax.vmap(evaluate)(alternatives)
+    return tags, leaves, score, baseline, invalid, later
+
+
+#: Most joint values of the group's enum members enumerated in one flat vmap; members
+#: beyond it get a vmap of their own (nested).
+MAX_FLAT_SIZE = 1024
+
+
+class _Flat:
+    """The group's `px.enum` members enumerated together in one flat vmap.
+
+    Planned from the program's equations before the evaluation starts (`_plan`): every
+    later `px.enum` site on the plate whose element values are constants (Bernoulli,
+    Categorical) gets a position; the vmap runs over all joint values of the members
+    (each member's value set in every element), and inside it each member's value is
+    given and its per-element probabilities multiply the flat weight (`_run`). A member
+    evaluated with a nested vmap per member instead would trace and compile the rest of
+    the program under as many levels of batching as there are members.
+    """
+
+    def __init__(self):
+        self.position: dict = {}  # (id(jaxpr), equation index) -> member position
+        self.tables: list = []  # per member: its element values, (V_j,) + shape[1:]
+        self.values = None  # inside the vmap: per member, its element value shape[1:]
+        self.weights = None  # the first member's probabilities (V_0, n), if known outside
+        self.visited: set = set()
+
+    def add(self, key, table):
+        self.position[key] = len(self.tables)
+        self.tables.append(table)
+
+    def value(self, position, n):
+        """Inside the vmap: member `position`'s value in every element, `(n,) + shape[1:]`."""
+        value = self.values[position]
+        return jnp.broadcast_to(value[None], (n,) + jnp.shape(value))
+
+    def size(self) -> int:
+        return math.prod(t.shape[0] for t in self.tables)
+
+    def joint(self) -> list:
+        """Per member, its element value in each joint alternative: `(A,) + shape[1:]`
+        (constants; broadcast to the elements inside the vmap, which keeps XLA from
+        folding large constants)."""
+        counts = [t.shape[0] for t in self.tables]
+        combos = np.array(list(itertools.product(*map(range, counts))), np.int32)
+        joint = [t[combos[:, j]] for j, t in enumerate(self.tables)]
+        if self.weights is not None:  # member 0 varies slowest: each row repeated
+            repeats = len(combos) // counts[0]
+            joint.append(self.weights if repeats == 1 else
+                         jnp.repeat(self.weights, repeats, axis=0))
+        return joint
+
+
+def _element_mass_of(law, value, n):
+    """Per-element probabilities `(n,)` of one value `(n,) + shape[1:]` (`_laws.mass`)."""
+    q = _mass(law, value)  # batch_shape
+    return q if q.shape == (n,) else q.reshape(n, -1).prod(-1)
+
+
+
+
+def _plan(flat, frame, n):
+    """Add the `px.enum` sites after `frame` on the same plate of `n` elements to `flat`.
+
+    Read from the equations (the distribution's structure and shapes, no evaluation):
+    whether a planned site really is a member is checked when it is reached.
+    """
+    from ._interpreter import Resume
+
+    while True:
+        for i in range(frame.index + 1, len(frame.jaxpr.eqns)):
+            eqn = frame.jaxpr.eqns[i]
+            if eqn.primitive is not sample_p:
+                continue
+            table = _enum_table(eqn, n)
+            if table is None:
+                continue
+            if flat.size() * table.shape[0] > MAX_FLAT_SIZE:
+                return flat
+            flat.add((id(frame.jaxpr), i), table)
+        cont = frame.cont
+        if not isinstance(cont, Resume):
+            return flat
+        frame = _Frame(cont.jaxpr, cont.index, cont.scope, cont.cont)
+
+
+def _enum_table(eqn, n):
+    """The element values of a `px.enum` site on the plate, if they are constants."""
+    try:
+        distribution, estimator = jax.tree.unflatten(eqn.params["tree"],
+                                                     [v.aval for v in eqn.invars])
+        if not isinstance(estimator, Enum) or not _factorisable(distribution) or (
+                distribution.batch_shape[0] != n):
+            return None
+        values = _element_values(distribution, eqn.params["label"],
+                                 eqn.params["out_aval"].dtype)
+    except Exception:  # noqa: BLE001 - not planned: the site gets a vmap of its own
+        return None
+    return values if isinstance(values, np.ndarray) else None
+
+
+def _flat_run(flat, rest):
+    """`rest()` (an evaluation of the rest of the program, `(outs, score, baseline,
+    invalid, weight)`) for every joint value of the flat members, summed over them."""
+    if not flat.tables:
+        return rest()[:4]
+    tags: list = []
+
+    def evaluate(values):
+        flat.values = values
+        try:
+            outs, score, baseline, invalid, _ = rest()
+        finally:
+            flat.values = None
         tags[:] = [v.kind for v in outs]
         leaves = [(v.vec, v.const) if v.kind == S else v.arr for v in outs]
         return leaves, score, baseline, invalid
 
-    leaves, score, baseline, invalid = jax.vmap(evaluate)(alternatives)
-    return tags, leaves, score, baseline, invalid
+    leaves, score, baseline, invalid = jax.vmap(evaluate)(flat.joint())
+    if len(flat.visited) != len(flat.tables):  # pragma: no cover - every site is reached
+        raise NotSeparable("a planned member of the group was not reached")
+    outs = []
+    for kind, leaf in zip(tags, leaves, strict=True):
+        if kind == P:
+            outs.append(sep.Val(P, arr=leaf[0]))
+        else:  # the terms carry their weights (`_run`): add them up
+            vec, const = leaf
+            outs.append(sep.Val(S, vec=jnp.sum(vec, axis=0), const=_first(const)))
+    return outs, _first(score), _first(baseline), _first_invalid(invalid)
+
+
+def _weigh(weight, vec):
+    """`w_i · vec[i, ...]` with `0 · (±inf or nan)` = 0 and only `ẇ · v` where `w = 0`."""
+    lax = jax.lax
+    w = weight.astype(vec.dtype)
+    if vec.ndim > 1:
+        w = lax.broadcast_in_dim(w, vec.shape, (0,))
+    positive = lax.gt(w, lax.full_like(w, 0))
+    safe = lax.select(lax.bitwise_or(positive, lax.is_finite(vec)), vec, lax.full_like(vec, 0))
+    return lax.mul(w, lax.select(positive, safe, lax.stop_gradient(safe)))
 
 
 def _per_element_sum(weights, vec):
     """`Σ_u w[u, i] · vec[u, i, ...]` over the values `u`, with `0 · (±inf or nan)` = 0."""
     w = weights.reshape(weights.shape + (1,) * (vec.ndim - 2)).astype(vec.dtype)
-    positive = w > 0
-    safe = jnp.where(positive | jnp.isfinite(vec), vec, 0)
-    # a value of probability 0 still passes on ẇ·v (the derivative of a zero weight)
-    return jnp.sum(jnp.where(positive, w * safe, w * jax.lax.stop_gradient(safe)), axis=0)
+    positive = jnp.broadcast_to(w > 0, vec.shape)
+    safe = jax.lax.select(positive | jnp.isfinite(vec), vec, jnp.zeros_like(vec))
+    # a value of probability 0 still passes on ẇ·v (the derivative of a zero weight), and
+    # only that: its own tangent (times 0) is left out, as it may be infinite there
+    return jnp.sum(w * jax.lax.select(positive, safe, jax.lax.stop_gradient(safe)), axis=0)
 
 
-def _run(frame, env, n):
+def _run(frame, env, n, flat, weight):
     """Evaluate the rest of the program with tags, from `frame` with tagged `env`.
 
-    Returns `(outputs, score, baseline, invalid)`; outputs are `P` or `S` values
-    (anything else raises `NotSeparable`).
+    `weight` is the product of the flat members' per-element weights so far (None: 1);
+    later flat members multiply theirs in, and at the end of the program every
+    per-element term is multiplied by the product (`_weigh`). Returns `(outputs, score,
+    baseline, invalid, weight)`; outputs are `P` or `S` values (anything else raises
+    `NotSeparable`).
     """
-    from ._interpreter import Resume, zero_acc
+    from ._interpreter import Acc, Resume
 
-    acc = zero_acc(frame.scope.surrogate)
+    acc = Acc(None, None, None)  # nothing accumulated yet (None: statically zero / -1)
     while True:
-        result = _run_frame(frame, env, acc, n)
+        result = _run_frame(frame, env, acc, n, flat, weight)
         if isinstance(result, _Done):
-            return result.outs, result.score, result.baseline, result.invalid
-        outs, acc = result
+            return tuple(result)
+        if isinstance(result, _Descend):  # into a call's body, tagged
+            frame, env, acc, weight = result
+            continue
+        outs, acc, weight = result
+        if isinstance(frame.cont, _Call):  # the end of a call's body: back to its caller
+            cont = frame.cont
+            env = dict(cont.env)
+            _write(env, cont.eqn, outs)
+            frame = _Frame(cont.jaxpr, cont.index, cont.scope, cont.cont)
+            continue
         if not isinstance(frame.cont, Resume):  # the end of the whole program
             for v in outs:
                 if v.kind not in (P, S):
                     raise NotSeparable(
                         v.culprit or "the program's output keeps the elements apart")
-            return outs, acc.score, acc.baseline, acc.invalid
+            if weight is not None:
+                outs = [sep.Val(S, vec=_weigh(weight, v.vec), const=v.const) if v.kind == S
+                        else v for v in outs]
+            return outs, acc.score, acc.baseline, acc.invalid, weight
         cont = frame.cont
         env = {var: sep.Val(P, arr=val) for var, val in cont.env.items()}
         _write(env, cont.eqn, outs)
         frame = _Frame(cont.jaxpr, cont.index, cont.scope, cont.cont)
 
 
-class _Done(tuple):
-    """A member's enumeration finished the program: `(outs, score, baseline, invalid)`."""
+def _add_acc(acc, score, baseline):
+    """`add_acc` where None is a statically zero accumulator."""
 
-    outs = property(lambda self: self[0])
-    score = property(lambda self: self[1])
-    baseline = property(lambda self: self[2])
-    invalid = property(lambda self: self[3])
+    def add(total, term):
+        if term is None:
+            return total
+        return term if total is None else total + term.astype(total.dtype)
+
+    return acc._replace(score=add(acc.score, score), baseline=add(acc.baseline, baseline))
+
+
+def _merge_invalid(first, second):
+    """`merge_invalid` where None is statically -1 (no invalid site)."""
+    from ._interpreter import merge_invalid
+
+    if first is None or second is None:
+        return second if first is None else first
+    return merge_invalid(first, second)
+
+
+def _first_invalid(invalid):
+    return None if invalid is None else first_invalid(invalid)
+
+
+class _Call:
+    """The continuation of a call's body in the tagged evaluation: the caller's frame at
+    the call equation `index` of `jaxpr`, with its tagged `env`."""
+
+    __slots__ = ("jaxpr", "index", "env", "scope", "cont")
+
+    def __init__(self, jaxpr, index, env, scope, cont):
+        self.jaxpr, self.index, self.env, self.scope, self.cont = jaxpr, index, env, scope, cont
+
+    @property
+    def eqn(self):
+        return self.jaxpr.eqns[self.index]
+
+
+class _Descend(tuple):
+    """`(frame, env, acc, weight)`: continue the evaluation in a call's body."""
+
+
+def _with_sites(frame, i, eqn, invals, env, acc, n, weight):
+    """An equation other than a site that holds sites: a call (jit, closed_call,
+    checkpoint) is followed into its body with tags (`_Descend`); any other (cond, scan,
+    while, a nested expectation) whose operands are plain and that holds no continuation
+    estimator runs as the interpreter runs it outside a group, and gives plain values
+    (`(outs, acc)`). Anything else raises `NotSeparable`."""
+    from ._analysis import first_continuation_site, sub_jaxprs
+    from ._interpreter import RULES, Acc, Scope, _call_rule, _closed
+
+    scope = frame.scope
+    key = scope.keys[scope.slots[i]]
+    rule = RULES.get(eqn.primitive)
+    if rule is _call_rule:  # the interpreter interprets the body inline: so do we
+        body, consts = _closed(eqn.params["call_jaxpr" if "call_jaxpr" in eqn.params
+                                          else "jaxpr"])
+        slots = _slots_of(body)
+        keys = None if not slots else (key[None] if len(slots) == 1
+                                       else jax.random.split(key, len(slots)))
+        where = scope.where + (f"{eqn.primitive.name} {eqn.params.get('name', '')}".strip(),)
+        inner = Scope(keys, slots, scope.surrogate, where, body, scope.messages)
+        env_b = {var: sep.Val(P, arr=c) for var, c in zip(body.constvars, consts,
+                                                          strict=True)}
+        env_b.update(zip(body.invars, invals, strict=True))
+        cont = _Call(frame.jaxpr, i, env, scope, frame.cont)
+        return _Descend((_Frame(body, -1, inner, cont), env_b, acc, weight))
+    if rule is not None and all(v.kind == P for v in invals) and not any(
+            first_continuation_site(j) is not None for j in sub_jaxprs(eqn.params)):
+        surrogate = scope.surrogate
+        zero = jnp.zeros((), jnp.result_type(float))
+        full = Acc(None if not surrogate else (zero if acc.score is None else acc.score),
+                   None if not surrogate else (zero if acc.baseline is None
+                                               else acc.baseline),
+                   jnp.int32(-1) if acc.invalid is None else acc.invalid)
+        result = rule(eqn, [v.arr for v in invals], key, full, scope, None)
+        outs = result.outs if eqn.primitive.multiple_results or isinstance(
+            result.outs, (list, tuple)) else [result.outs]
+        return [sep.Val(P, arr=o) for o in outs], result.acc
+    what = "a nested expectation" if eqn.primitive is nested_p else (
+        f"'{eqn.primitive.name}' with sample sites inside")
+    raise NotSeparable(f"{what} follows the site")
+
+
+def _slots_of(jaxpr):
+    from ._analysis import slots
+
+    return slots(jaxpr)
+
+
+class _Done(tuple):
+    """A member finished the program: `(outs, score, baseline, invalid, weight)`."""
 
 
 def _write(env, eqn, outs):
@@ -270,10 +638,9 @@ def _read(env, atom):
     return env[atom]
 
 
-def _run_frame(frame, env, acc, n):
-    """Run one scope from `frame.index + 1` with tagged values: `(outs, acc)` or `_Done`."""
-    from ._interpreter import add_acc, merge_invalid
-
+def _run_frame(frame, env, acc, n, flat, weight):
+    """Run one scope from `frame.index + 1` with tagged values: `(outs, acc, weight)` or
+    `_Done`."""
     scope = frame.scope
     eqns = frame.jaxpr.eqns
     for i in range(frame.index + 1, len(eqns)):
@@ -284,42 +651,67 @@ def _run_frame(frame, env, acc, n):
             _write(env, eqn, sep.eval_eqn(eqn, invals, n))
             continue
         if eqn.primitive is not sample_p:
-            what = "a nested expectation" if eqn.primitive is nested_p else (
-                f"'{eqn.primitive.name}' with sample sites inside")
-            raise NotSeparable(f"{what} follows the site")
+            result = _with_sites(frame, i, eqn, invals, env, acc, n, weight)
+            if isinstance(result, _Descend):
+                return result
+            outs, acc = result
+            _write(env, eqn, outs)
+            continue
         params = eqn.params
         distribution, estimator = jax.tree.unflatten(params["tree"],
                                                      [v.array() for v in invals])
         invalid = _check(eqn, invals, distribution, scope)
-        if invalid is not None:
-            acc = acc._replace(invalid=merge_invalid(acc.invalid, invalid))
+        acc = acc._replace(invalid=_merge_invalid(acc.invalid, invalid))
         num_dist = len(jax.tree.leaves(distribution))
         dist_tags = invals[:num_dist]
         if any(v.kind != P for v in invals[num_dist:]):
             raise NotSeparable(f"the estimator state of {params['label']} depends on the site")
         dtype = params["out_aval"].dtype
         key = scope.keys[slot]
-        if isinstance(estimator, Enum) and _member(distribution, dist_tags, n):
-            outs, score, baseline, inner = _enumerate(
+        position = flat.position.get((id(frame.jaxpr), i))
+        if position is not None:  # a member of the flat enumeration: its value is given
+            if not (isinstance(estimator, Enum) and _member(distribution, dist_tags, n,
+                                                            dtype=dtype)):
+                raise NotSeparable(f"the law of {params['label']} mixes the elements")
+            value = flat.value(position, n)
+            flat.visited.add((id(frame.jaxpr), i))
+            mass = _element_mass_of(_law(distribution, params["label"]), value, n)
+            weight = mass if weight is None else weight * mass.astype(weight.dtype)
+            _write(env, eqn, [sep.Val(L, arr=value, axis=0)])
+            continue
+        if isinstance(estimator, Enum) and _member(distribution, dist_tags, n, dtype=dtype):
+            outs, score, baseline, inner, later = _enumerate(
                 distribution, _Frame(frame.jaxpr, i, scope, frame.cont), env, dtype,
-                params["label"], n)
-            acc = add_acc(acc, score, baseline)
-            return _Done((outs, acc.score, acc.baseline, merge_invalid(acc.invalid, inner)))
+                params["label"], n, flat, weight)
+            acc = _add_acc(acc, score, baseline)
+            return _Done((outs, acc.score, acc.baseline, _merge_invalid(acc.invalid, inner),
+                          later))
         if isinstance(estimator, MVD) and _factorisable(distribution) and (
                 distribution.batch_shape[0] == n):
             key_x, key_mvd = jax.random.split(key)
             x = jax.lax.stop_gradient(distribution.sample(key_x)).astype(dtype)
             if _member(distribution, dist_tags, n, x):
-                outs, score, baseline, inner = _mvd(
+                outs, score, baseline, inner, later = _mvd(
                     distribution, _Frame(frame.jaxpr, i, scope, frame.cont), env, x, key_mvd,
-                    params["label"], n)
-                acc = add_acc(acc, score, baseline)
-                return _Done((outs, acc.score, acc.baseline, merge_invalid(acc.invalid, inner)))
+                    params["label"], n, flat, weight)
+                acc = _add_acc(acc, score, baseline)
+                return _Done((outs, acc.score, acc.baseline, _merge_invalid(acc.invalid, inner),
+                              later))
+        if isinstance(estimator, Reinforce) and estimator.rao_blackwellise and (
+                _factorisable(distribution) and distribution.batch_shape[0] == n):
+            x = jax.lax.stop_gradient(distribution.sample(key)).astype(dtype)
+            if _member(distribution, dist_tags, n, x):
+                outs, score, baseline, inner, later = _reinforce(
+                    estimator, distribution, _Frame(frame.jaxpr, i, scope, frame.cont), env,
+                    x, params["label"], n, flat, weight)
+                acc = _add_acc(acc, score, baseline)
+                return _Done((outs, acc.score, acc.baseline, _merge_invalid(acc.invalid, inner),
+                              later))
         if all(v.kind == P for v in dist_tags):
             if estimator.continuation:
                 raise NotSeparable(f"{params['label']} uses a continuation estimator")
             x, score, baseline_term = estimator.local(key, distribution, scope.surrogate)
-            acc = add_acc(acc, score, baseline_term)
+            acc = _add_acc(acc, score, baseline_term)
             _write(env, eqn, [sep.Val(P, arr=jnp.asarray(x).astype(dtype))])
             continue
         if isinstance(estimator, Reparam):
@@ -330,10 +722,10 @@ def _run_frame(frame, env, acc, n):
             _write(env, eqn, [x])
             continue
         raise NotSeparable(f"the law of {params['label']} depends on the site")
-    return [_read(env, a) for a in frame.jaxpr.outvars], acc
+    return [_read(env, a) for a in frame.jaxpr.outvars], acc, weight
 
 
-def _member(distribution, dist_tags, n, value=None) -> bool:
+def _member(distribution, dist_tags, n, value=None, dtype=None) -> bool:
     """A site on the same plate whose element `i` depends on the group's element `i` only.
 
     Checked on the per-element log density of `value` (an element value broadcast to every
@@ -345,11 +737,15 @@ def _member(distribution, dist_tags, n, value=None) -> bool:
         return True
     if any(v.kind not in (P, L) for v in dist_tags):
         return False
+    treedef = jax.tree.structure(distribution)
+    key = _verdict_key(treedef, dist_tags, value, n)
+    if key is not None and key in _VERDICTS:
+        return _VERDICTS[key]
     if value is None:
-        dtype = jax.eval_shape(distribution.sample, jax.random.key(0)).dtype
+        if dtype is None:
+            dtype = jax.eval_shape(distribution.sample, jax.random.key(0)).dtype
         values = _element_values(distribution, "a group member", dtype)
         value = jnp.broadcast_to(values[0], (n,) + values.shape[1:])
-    treedef = jax.tree.structure(distribution)
     verdict: list[bool] = []
 
     def abstract(leaves, value):
@@ -371,7 +767,29 @@ def _member(distribution, dist_tags, n, value=None) -> bool:
         return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
 
     jax.eval_shape(abstract, [spec(v.array()) for v in dist_tags], spec(value))
+    if key is not None:
+        _VERDICTS[key] = verdict[0]
     return verdict[0]
+
+
+#: Membership verdicts of the current group evaluation (`_member` is a function of the
+#: distribution's structure, the tags and the shapes only: sites with the same structure
+#: share it). Emptied when a group evaluation starts.
+_VERDICTS: dict = {}
+
+
+def _verdict_key(treedef, dist_tags, value, n):
+    """A hashable key of everything `_member`'s verdict depends on (None if unhashable)."""
+    def aval(x):
+        return (tuple(jnp.shape(x)), jnp.result_type(x))
+
+    key = (treedef, tuple((v.kind, v.axis) + aval(v.array()) for v in dist_tags),
+           None if value is None else aval(value), n)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _tagged_call(fn, tagged_args, n):

@@ -37,7 +37,7 @@ from jax.extend import core
 from jax._src import source_info_util
 
 from ._errors import UnsupportedEstimatorError, UnsupportedPrimitiveError
-from ._estimators import MVD, Enum
+from ._estimators import MVD, Enum, Reinforce
 from ._analysis import eqn_has_sites as _eqn_has_sites  # noqa: F401 - re-exported
 from ._analysis import first_continuation_site, has_sites  # noqa: F401 - has_sites re-exported
 from ._analysis import slots as _slots
@@ -227,9 +227,13 @@ def _run_from(jaxpr, start, env, scope: Scope, acc: Acc, cont: Cont | None):
         invals = [_read(env, v) for v in eqn.invars]
         slot = scope.slots.get(i)
         if slot is None:
-            params = eqn.primitive.get_bind_params(eqn.params)
-            with source_info_util.user_context(eqn.source_info.traceback), eqn.ctx.manager:
-                outs = eqn.primitive.bind(*invals, **params)
+            if scope.surrogate and _batched_cond(eqn, invals):
+                outs = _select_branches(eqn, invals)
+            else:
+                params = eqn.primitive.get_bind_params(eqn.params)
+                with source_info_util.user_context(eqn.source_info.traceback), \
+                        eqn.ctx.manager:
+                    outs = eqn.primitive.bind(*invals, **params)
             _write(env, eqn, outs)
             continue
         rule = RULES.get(eqn.primitive)
@@ -297,7 +301,15 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
             invalid = jnp.where(ok, invalid, message_id(scope.messages, text))
         acc = acc._replace(invalid=merge_invalid(acc.invalid, invalid))
     if not estimator.continuation:
-        if resume is not None and scope.surrogate:
+        if isinstance(estimator, Reinforce) and isinstance(resume, Resume) and scope.surrogate:
+            from ._groups import NotSeparable, reinforce_group
+
+            try:  # per-element scores, evaluated on the user's program with later sites
+                return Final(reinforce_group(estimator, distribution, resume, acc, key, dtype,
+                                             params["label"]))
+            except NotSeparable:
+                pass  # the score of the whole objective (`local`)
+        elif resume is not None and scope.surrogate:
             fresh = zero_acc(True)
             plate = estimator.run_plate(key, distribution, lambda x: resume([x], fresh),
                                         dtype, params["label"])
@@ -397,8 +409,66 @@ def _cond_rule(eqn, invals, key, acc, scope: Scope, resume):
 
         return fn
 
+    if scope.surrogate and _batched_cond(eqn, invals):
+        which = _which(index, len(branches))
+        results = [branch_fn(b)(key, _taken_only(which, i, acc), _taken_only(which, i, ops))
+                   for i, b in enumerate(branches)]
+        outs = [lax.select_n(which, *values) for values in zip(*[r[0] for r in results])]
+        acc = jax.tree.map(lambda *values: lax.select_n(which, *values),
+                           *[r[1] for r in results])
+        return Continue(outs, acc)
     outs, acc = lax.switch(index, [branch_fn(b) for b in branches], key, acc, ops)
     return Continue(list(outs), acc)
+
+
+# A cond whose index differs across the elements of a `jax.vmap` that encloses the
+# expectation is evaluated as JAX's own vmap rule for cond evaluates it (every branch,
+# then a select), but *before* surrogate mode is differentiated: each branch receives
+# its operands where it is taken and their `stop_gradient` elsewhere, so an untaken
+# branch passes on no derivative (a NaN in it, `sqrt` of a negative, stays out of the
+# gradient, as in JAX), and the tangents never reach JAX's rule, which would wrap them
+# in `stop_gradient` too (see `_register_stop_gradient_transpose`).
+
+
+def _batched_cond(eqn, invals) -> bool:
+    """Whether `eqn` is a cond whose index is batched by an enclosing `jax.vmap`."""
+    from jax._src.interpreters import ad, batching
+
+    if eqn.primitive is not _COND_P[0]:
+        return False
+    index = invals[0]
+    while isinstance(index, ad.JVPTracer):
+        index = index.primal
+    return isinstance(index, batching.BatchTracer) and index.batch_dim is not None
+
+
+def _which(index, num_branches: int):
+    return jnp.clip(index, 0, num_branches - 1).astype(jnp.int32)
+
+
+def _taken_only(which, i: int, values):
+    """`values` where branch `i` is taken, their `stop_gradient` elsewhere (floats)."""
+    taken = which == i
+
+    def guard(x):
+        if jnp.issubdtype(getattr(x, "dtype", jnp.int32), jnp.inexact):
+            return jnp.where(taken, x, sg(x))
+        return x
+
+    return jax.tree.map(guard, values)
+
+
+def _select_branches(eqn, invals) -> list:
+    """A cond without sample sites and with a batched index: every branch, then a select."""
+    index, *ops = invals
+    branches = eqn.params["branches"]
+    which = _which(index, len(branches))
+    results = [jax.core.eval_jaxpr(b.jaxpr, b.consts, *_taken_only(which, i, ops))
+               for i, b in enumerate(branches)]
+    return [lax.select_n(which, *values) for values in zip(*results)]
+
+
+_COND_P: list = [None]  # cond_p, set by `_register_by_name`
 
 
 def _scan_rule(eqn, invals, key, acc, scope: Scope, resume):
@@ -522,6 +592,7 @@ def _register_by_name():
     RULES[_core.closed_call_p] = _call_rule
     RULES[remat_p] = _call_rule
     RULES[cond_p] = _cond_rule
+    _COND_P[0] = cond_p
     RULES[scan_p] = _scan_rule
     RULES[while_p] = _while_rule
     RULES[custom_jvp_call_p] = _custom_rule
@@ -529,3 +600,33 @@ def _register_by_name():
 
 
 _register_by_name()
+
+
+def _stop_gradient_transpose(cotangent, operand):
+    """`stop_gradient` of a tangent is the identity on it, and so is its transpose."""
+    return (cotangent,)
+
+
+def _register_stop_gradient_transpose():
+    """Let `jax.grad` of `jax.vmap` of an expectation through a `lax.cond` on a draw run.
+
+    An expectation is a `jax.custom_jvp` whose rule is `jax.jvp` of surrogate mode, so a
+    `cond` in the program is differentiated inside the rule and its tangents become cond
+    operands. Under `vmap` with a batched predicate, JAX's cond batching rule turns the
+    cond into a select and wraps every operand in `stop_gradient`, the tangents included;
+    `jax.grad` then transposes the rule's linear part and finds a `stop_gradient` there,
+    which JAX gives no transpose rule (JAX issues #22011, #39219). The interpreter
+    evaluates the program's own conds with a batched index itself (`_select_branches`),
+    so this is for a cond inside a call without sample sites (a jitted function, a
+    library's log density), which JAX batches. As a linear map on tangents
+    `stop_gradient` evaluates to the identity (that is what `jax.jvp` computes), so its
+    transpose is the identity. The rule is the one lineax registers for the same bug; it
+    is added only where JAX has none.
+    """
+    from jax._src.ad_util import stop_gradient_p
+    from jax._src.interpreters import ad
+
+    ad.primitive_transposes.setdefault(stop_gradient_p, _stop_gradient_transpose)
+
+
+_register_stop_gradient_transpose()

@@ -3,7 +3,9 @@
 `px.sample` binds `sample_p` so that sample sites survive tracing into a jaxpr (also inside
 `scan`, `cond`, `while_loop` and nested `jit`). The site's distribution and estimator are
 flattened into the primitive's operands (so traced parameters and baselines flow through)
-and their tree structure is a static parameter. Only the interpreter in `_interpreter.py`
+and their tree structure is a static parameter, as are the estimator's class-level flags
+(`continuation`, `pathwise`) and `continuity` (whether the continuity check judges the
+site: `AbstractEstimator.checks_continuity`). Only the interpreter in `_interpreter.py`
 gives the primitive a meaning; binding it anywhere else is an error.
 """
 
@@ -29,7 +31,7 @@ from ._errors import (
     UnsupportedEstimatorError,
     UnsupportedPrimitiveError,
 )
-from ._estimators import AbstractEstimator, Reparam, default_estimator, reparam
+from ._estimators import AbstractEstimator, default_estimator, reparam
 
 _TRACING = contextvars.ContextVar("ppl_ext_tracing_expectation", default=0)
 
@@ -215,7 +217,7 @@ def sample(
             f"estimator= must be a ppl_ext estimator (px.reparam, px.reinforce, px.enum, "
             f"px.mvd, px.Reinforce(...), px.LeaveOneOut(n)), got {estimator!r}."
         )
-    if _point_mass(distribution) and not isinstance(estimator, Reparam):
+    if _point_mass(distribution) and not estimator.pathwise:
         # No randomness to estimate: the value is a function of earlier draws and the
         # parameters, and only the pathwise derivative passes its dependence on them on
         # (a score function would silently drop it).
@@ -240,7 +242,8 @@ def _bind_site(
         tree=tree,
         out_aval=out_aval,
         continuation=estimator.continuation,
-        pathwise=isinstance(estimator, Reparam) and not estimator.allow_discontinuous,
+        pathwise=bool(estimator.pathwise),
+        continuity=estimator.checks_continuity(),
         checks=_runtime_checks(distribution, leaves),
         label=label,
         name=name,

@@ -60,12 +60,13 @@ class Val:
     arr: Any = None  # the value (for S: materialised lazily as vec.sum(0) + const)
     axis: int | None = None  # local axis (kind L)
     vec: Any = None  # per-element terms, shape (n,) + shape (kind S)
-    const: Any = None  # the part that does not depend on the site (kind S)
+    const: Any = None  # the part that does not depend on the site (kind S; None: zero)
     culprit: str | None = None  # what mixed the elements (kind X)
 
     def array(self):
         if self.arr is None and self.kind == S:
-            self.arr = jnp.sum(self.vec, axis=0) + self.const
+            total = jnp.sum(self.vec, axis=0)
+            self.arr = total if self.const is None else total + self.const
         return self.arr
 
 
@@ -158,14 +159,16 @@ def _linear_elementwise(eqn, invals):
 
     def result(vec, const):
         vec = jnp.broadcast_to(lift(vec), vec.shape[:1] + out_shape)
-        return [Val(S, vec=vec, const=jnp.broadcast_to(const, out_shape))]
+        const = None if const is None else jnp.broadcast_to(const, out_shape)
+        return [Val(S, vec=vec, const=const)]
 
     if prim in _LINEAR_UNARY and len(invals) == 1:
         (v,) = invals
         if prim is _P.convert_element_type_p and not jnp.issubdtype(
                 eqn.params["new_dtype"], jnp.inexact):
             return _mixed(eqn, invals)
-        return result(_bind(eqn, [v.vec])[0], _bind(eqn, [v.const])[0])
+        const = None if v.const is None else _bind(eqn, [v.const])[0]
+        return result(_bind(eqn, [v.vec])[0], const)
     if len(invals) != 2:
         return _mixed(eqn, invals)
     a, b = invals
@@ -173,17 +176,30 @@ def _linear_elementwise(eqn, invals):
         sign = 1 if prim is _P.add_p else -1
         if a.kind == S and b.kind == S:
             vec = lift(a.vec) + lift(b.vec) if sign > 0 else lift(a.vec) - lift(b.vec)
-            return result(vec, a.const + b.const if sign > 0 else a.const - b.const)
+            return result(vec, _add(a.const, b.const, sign))
         if a.kind == S:
-            return result(a.vec, a.const + b.arr if sign > 0 else a.const - b.arr)
-        return result(b.vec if sign > 0 else -b.vec,
-                      a.arr + b.const if sign > 0 else a.arr - b.const)
+            return result(a.vec, _add(a.const, b.arr, sign))
+        return result(b.vec if sign > 0 else -b.vec, _add(a.arr, b.const, sign))
     if prim is _P.mul_p and {a.kind, b.kind} == {S, P}:
         s_val, p_val = (a, b) if a.kind == S else (b, a)
-        return result(lift(s_val.vec) * p_val.arr, s_val.const * p_val.arr)
+        return result(lift(s_val.vec) * p_val.arr,
+                      None if s_val.const is None else s_val.const * p_val.arr)
     if prim is _P.div_p and a.kind == S and b.kind == P:
-        return result(lift(a.vec) / b.arr, a.const / b.arr)
+        return result(lift(a.vec) / b.arr, None if a.const is None else a.const / b.arr)
     return _mixed(eqn, invals)
+
+
+def _add(a, b, sign):
+    """`a + b` (`a - b` for sign -1) where None is zero."""
+    if b is None:
+        return a
+    if a is None:
+        return b if sign > 0 else -b
+    return a + b if sign > 0 else a - b
+
+
+def _map(const, fn):
+    return None if const is None else fn(const)
 
 
 def _reduce(eqn, invals, n):
@@ -198,12 +214,13 @@ def _reduce(eqn, invals, n):
             return _mixed(eqn, invals)
         others = tuple(a for a in axes if a != v.axis)
         vec = jnp.sum(v.arr, axis=others) if others else v.arr
-        vec = jnp.moveaxis(vec, v.axis - sum(a < v.axis for a in others), 0)
-        out_shape = _shape(eqn.outvars[0])
-        return [Val(S, vec=vec, const=jnp.zeros(out_shape, vec.dtype))]
+        position = v.axis - sum(a < v.axis for a in others)
+        if position:
+            vec = jnp.moveaxis(vec, position, 0)
+        return [Val(S, vec=vec, const=None)]
     if v.kind == S and is_sum:
         vec = jnp.sum(v.vec, axis=tuple(a + 1 for a in axes))
-        return [Val(S, vec=vec, const=jnp.sum(v.const, axis=axes))]
+        return [Val(S, vec=vec, const=_map(v.const, lambda c: jnp.sum(c, axis=axes)))]
     return _mixed(eqn, invals)
 
 
@@ -246,7 +263,7 @@ def _reshape(eqn, invals, n):
         return _mixed(eqn, invals) if j is None else _locals(eqn, invals, [j])
     if v.kind == S:
         vec = v.vec.reshape((v.vec.shape[0],) + out_shape)
-        return [Val(S, vec=vec, const=v.const.reshape(out_shape))]
+        return [Val(S, vec=vec, const=_map(v.const, lambda c: c.reshape(out_shape)))]
     return _mixed(eqn, invals)
 
 
@@ -261,7 +278,7 @@ def _broadcast_in_dim(eqn, invals, n):
     if v.kind == S:
         vec = lax.broadcast_in_dim(v.vec, (v.vec.shape[0],) + out_shape,
                                    (0,) + tuple(d + 1 for d in dims))
-        const = lax.broadcast_in_dim(v.const, out_shape, dims)
+        const = _map(v.const, lambda c: lax.broadcast_in_dim(c, out_shape, dims))
         return [Val(S, vec=vec, const=const)]
     return _mixed(eqn, invals)
 
@@ -273,7 +290,7 @@ def _transpose(eqn, invals, n):
         return _locals(eqn, invals, [perm.index(v.axis)])
     if v.kind == S:
         return [Val(S, vec=jnp.transpose(v.vec, (0,) + tuple(p + 1 for p in perm)),
-                    const=jnp.transpose(v.const, perm))]
+                    const=_map(v.const, lambda c: jnp.transpose(c, perm)))]
     return _mixed(eqn, invals)
 
 

@@ -14,7 +14,10 @@ from ._protocol import (
 )
 
 if TYPE_CHECKING:  # for type checkers and the API docs; loaded lazily below
-    from ._genjax import GenJAXModel as GenJAXModel, to_genjax_distribution as to_genjax_distribution
+    from ._genjax import (
+        GenJAXModel as GenJAXModel,
+        to_genjax_distribution as to_genjax_distribution,
+    )
 
 #: Public names defined in submodules loaded on first access, by submodule.
 _LAZY = {"GenJAXModel": "._genjax", "to_genjax_distribution": "._genjax"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import arviz
 import numpy as np
 
 
@@ -40,6 +39,8 @@ def to_inference_data(
         >>> tuple(data.posterior["mu"].shape)
         (1, 100)
     """
+    import arviz  # about a second: only when used
+
     if not posterior:
         raise ValueError("to_inference_data needs at least one posterior variable.")
     groups = {"posterior": _with_chains(posterior, num_chains, "posterior")}

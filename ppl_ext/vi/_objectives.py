@@ -52,7 +52,9 @@ class AbstractObjective(eqx.Module):
     conventions to it. Concrete objectives are final.
 
     The value is to be *maximised* (a bound on the log evidence, or its negated
-    divergence); `px.fit` maximises by default.
+    divergence); `px.fit` maximises by default. An entry of a params argument
+    (`params_argnums`) that the program never reads is refused by name: a misspelt or
+    unknown key would silently get a zero gradient.
 
     Example (the ELBO, as `px.vi.ELBO` writes it):
         >>> import jax, numpyro, numpyro.distributions as dist, ppl_ext as px
@@ -77,6 +79,8 @@ class AbstractObjective(eqx.Module):
     def __post_init__(self):
         expectation = Expectation(self.program)
         expectation.__name__ = expectation.__qualname__ = type(self).__name__
+        # a params entry the objective never reads is refused by name (zero gradient)
+        expectation._required_params = tuple(p - 1 for p in self.params_argnums)
         self._expectation = expectation
 
     def __check_init__(self):

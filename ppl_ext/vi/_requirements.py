@@ -30,17 +30,17 @@ import numpy as np
 import numpyro.distributions as dist
 from jax.extend import core
 
-from ..adev import AbstractContinuationEstimator, Reinforce, Reparam, UnsupportedEstimatorError
-from ..adev._estimators import LeaveOneOut, MVD, Enum
+from ..adev import UnsupportedEstimatorError
 from ..adev._primitives import nested_p, sample_p, tracing_expectation
 from ..gen import AbstractGenerativeFunction
 from ..gen._protocol import recording_density_terms
 
 #: Site kinds (`Site.kind`).
-SCORE_FUNCTION = "score function"  # px.Reinforce: local, value without derivative
-PATHWISE = "pathwise"  # px.Reparam (and every point mass): the value carries the derivative
+# (read off the estimator's class-level flags, `px.AbstractEstimator`)
+SCORE_FUNCTION = "score function"  # local, `score_function` (px.Reinforce): no derivative
+PATHWISE = "pathwise"  # `pathwise` (px.Reparam, every point mass): the value carries it
 CONTINUATION = "continuation"  # px.enum, px.mvd, px.LeaveOneOut: evaluate the rest
-LOCAL = "local"  # another local estimator (user-defined): treated as possibly pathwise
+LOCAL = "local"  # another local estimator: neither pathwise nor a score function
 OBSERVED = "observed"  # an observed site / factor: a density term that is not a draw
 ESTIMATE = "estimate"  # the log density is an estimate (marginal, normalize)
 
@@ -48,7 +48,6 @@ ESTIMATE = "estimate"  # the log density is an estimate (marginal, normalize)
 DIRECT = 1  # computed from the inputs of the call
 THROUGH_PATHWISE = 2  # computed from a pathwise draw whose law depends on the inputs
 
-_VALUE_WITHOUT_DERIVATIVE = (Reinforce, Enum, MVD, LeaveOneOut)
 _TRANSPARENT = (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)
 
 
@@ -293,15 +292,15 @@ def _site(eqn, ins, where, sites: list[Site]) -> int:
     else:
         point_mass, weight_leaves = _point_mass(distribution)
     weight = law if weight_leaves is None else _union(ins[i] for i in weight_leaves)
-    if point_mass or isinstance(estimator, Reparam):
+    if point_mass or estimator.pathwise:
         kind = PATHWISE
-    elif isinstance(estimator, Reinforce):
-        kind = SCORE_FUNCTION
-    elif isinstance(estimator, AbstractContinuationEstimator):
+    elif estimator.continuation:
         kind = CONTINUATION
+    elif estimator.score_function:
+        kind = SCORE_FUNCTION
     else:
         kind = LOCAL
-    baseline = isinstance(estimator, Reinforce) and estimator.baseline is not None
+    baseline = kind == SCORE_FUNCTION and getattr(estimator, "baseline", None) is not None
     label = params["label"]
     sites.append(Site(label, params.get("name"),
                       type(estimator).__name__, kind, baseline, point_mass, law, weight, where))
@@ -309,11 +308,9 @@ def _site(eqn, ins, where, sites: list[Site]) -> int:
         return 0
     if point_mass:
         return law  # its value is its parameter
-    if isinstance(estimator, _VALUE_WITHOUT_DERIVATIVE):
-        return 0
-    if kind == PATHWISE:
-        return THROUGH_PATHWISE
-    return DIRECT | THROUGH_PATHWISE  # an unknown local estimator: assume anything
+    if not estimator.pathwise:
+        return 0  # its value is stop_gradient'ed: the estimator's terms carry the law's
+    return THROUGH_PATHWISE
 
 
 def _point_mass(distribution) -> tuple[bool, list[int] | None]:

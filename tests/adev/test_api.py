@@ -111,6 +111,32 @@ def test_argnums_follows_jax_grad(key):
             f.grad(key, *args, argnums=bad)
 
 
+def test_python_ints_bools_and_strings_are_static_arguments(key):
+    """Non-array arguments stay Python values (a size, a flag, a mode), as with
+    jax.jit(static_argnums): they may decide shapes and Python control flow."""
+    traces = []
+
+    @px.expectation
+    def f(theta, size, square=True, mode="sum"):
+        traces.append(1)
+        x = px.sample(dist.Normal(theta, 1.0).expand([size]))
+        y = x**2 if square else x
+        return jnp.sum(y) if mode == "sum" else jnp.mean(y)
+
+    # E[sum x^2] = size (theta^2 + 1); E[mean x] = theta
+    grads = many(lambda k: f.grad(k, 0.5, 3))
+    assert_unbiased(grads, 3 * 2 * 0.5)
+    values = many(lambda k: f.estimate(k, 0.5, 4, square=False, mode="mean"))
+    assert_unbiased(values, 0.5)
+    assert np.allclose(jax.grad(f, argnums=1)(key, 0.5, 3), f.grad(key, 0.5, 3), rtol=1e-5)
+    assert np.allclose(jax.jit(lambda t: f(key, t, 3))(0.5), f.estimate(key, 0.5, 3))
+    count = len(traces)
+    f.grad(key, 0.7, 3)  # a new float: no new trace; a new size: one new trace
+    assert len(traces) == count
+    f.grad(key, 0.7, 5)
+    assert len(traces) > count
+
+
 def test_closure_over_traced_values_is_differentiated(key):
     def outer(theta):
         @px.expectation

@@ -194,3 +194,78 @@ def test_normal_mvd_site_followed_by_an_enumerated_site_on_the_same_plate():
     values, grads = many(lambda k: f.value_and_grad(k, t), num=20_000)
     assert_unbiased(values, exact(t), what="value")
     assert_unbiased(grads, exact_grad, atol=1e-3, what="gradient")
+
+
+@pytest.mark.parametrize("max_flat", [1, 4, 1024])
+def test_flat_and_nested_members_agree(monkeypatch, max_flat):
+    # the group's enum members are enumerated in one flat vmap up to MAX_FLAT_SIZE joint
+    # values; later ones (here: all but the first 0, 1 or 2) get a vmap of their own
+    from ppl_ext.adev import _groups
+
+    monkeypatch.setattr(_groups, "MAX_FLAT_SIZE", max_flat)
+    data = jnp.array([-0.7, 0.2, 1.1])
+    f = px.expectation(chain_program(3, data))
+    exact = exact_joint(3, data)
+    value, grad = f.value_and_grad(jax.random.key(0), 0.4)
+    np.testing.assert_allclose(value, exact(0.4), rtol=1e-5)
+    np.testing.assert_allclose(grad, jax.grad(exact)(0.4), rtol=1e-4)
+
+
+def test_flat_members_around_a_reinforce_member_with_baselines(monkeypatch):
+    # enum c0, c1 (flat), reinforce c2 with per-element baselines (its terms carry the
+    # flat members' weights, and so does its baseline), enum c3 (nested: beyond the cap)
+    from ppl_ext.adev import _groups
+
+    monkeypatch.setattr(_groups, "MAX_FLAT_SIZE", 4)
+    data = jnp.array([-0.7, 0.2, 1.1])
+    b = np.array([-4.0, -2.0, -3.0], np.float32)
+    estimators = [px.enum, px.enum, px.Reinforce(baseline=b), px.enum]
+
+    def program(t):
+        total, prev = 0.0, jnp.zeros(data.shape[0])
+        for j, estimator in enumerate(estimators):
+            c = px.sample(dist.Bernoulli(logits=0.3 * (j + 1) * t + prev - 0.5), estimator,
+                          name=f"c{j}").astype(jnp.float32)
+            total = total + jnp.sum(dist.Normal(2 * c - 1 + 0.1 * j, 1.0).log_prob(data))
+            prev = c
+        return total
+
+    f = px.expectation(program)
+    exact = exact_per_element(4, data)
+    t = 0.4
+    values, grads = many(lambda k: f.value_and_grad(k, t), num=20_000)
+    assert_unbiased(values, exact(t), what="value")
+    assert_unbiased(grads, jax.grad(exact)(t), what="gradient")
+
+
+@pytest.mark.parametrize("estimator", [px.enum, px.mvd], ids=["enum", "mvd"])
+def test_members_inside_a_jitted_helper(estimator):
+    # the first site starts the group; the later ones sit in a jitted helper, whose body
+    # the group evaluation follows with tags (no fallback, no re-analysis)
+    data = jnp.array([-0.7, 0.2, 1.1])
+
+    @jax.jit
+    def helper(prev, t):
+        total = 0.0
+        for j in (1, 2):
+            c = px.sample(dist.Bernoulli(logits=0.3 * (j + 1) * t + prev - 0.5), estimator,
+                          name=f"c{j}").astype(jnp.float32)
+            total = total + jnp.sum(dist.Normal(2 * c - 1 + 0.1 * j, 1.0).log_prob(data))
+            prev = c
+        return total
+
+    def program(t):
+        c = px.sample(dist.Bernoulli(logits=0.3 * t - 0.5), estimator,
+                      name="c0").astype(jnp.float32)
+        return jnp.sum(dist.Normal(2 * c - 1, 1.0).log_prob(data)) + helper(c, t)
+
+    f = px.expectation(program)
+    exact = exact_joint(3, data)
+    if estimator is px.enum:
+        value, grad = f.value_and_grad(jax.random.key(0), 0.4)
+        np.testing.assert_allclose(value, exact(0.4), rtol=1e-5)
+        np.testing.assert_allclose(grad, jax.grad(exact)(0.4), rtol=1e-4)
+    else:
+        values, grads = many(lambda k: f.value_and_grad(k, 0.4), num=20_000)
+        assert_unbiased(values, exact(0.4), what="value")
+        assert_unbiased(grads, jax.grad(exact)(0.4), what="gradient")

@@ -131,7 +131,8 @@ def factorised_calls(monkeypatch):
 
     A plate-batched enum/mvd site first tries the group evaluation on the user's program
     (`_groups.py`); if that does not apply, its estimator tries `_separated` on the
-    continuation. One entry per site: the group's success, else `_separated`'s verdict.
+    continuation. A reinforce site only has the group evaluation. One entry per site: the
+    group's success, else `_separated`'s verdict (reinforce: the group's verdict).
     """
     from ppl_ext.adev import _estimators, _groups
 
@@ -151,9 +152,22 @@ def factorised_calls(monkeypatch):
 
         return wrapped
 
+    def reinforce_spy(original_group):
+        def wrapped(*args):  # reinforce has no other per-element path: record both verdicts
+            try:
+                result = original_group(*args)
+            except _groups.NotSeparable:
+                calls.append(False)
+                raise
+            calls.append(True)
+            return result
+
+        return wrapped
+
     monkeypatch.setattr(_estimators, "_separated", spy)
     monkeypatch.setattr(_groups, "enumerate_group", group_spy(_groups.enumerate_group))
     monkeypatch.setattr(_groups, "mvd_group", group_spy(_groups.mvd_group))
+    monkeypatch.setattr(_groups, "reinforce_group", reinforce_spy(_groups.reinforce_group))
     return calls
 
 

@@ -86,7 +86,7 @@ def test_discrete_latent_in_guide_trains_like_tracegraph_elbo():
 
 
 def test_iwelbo_loss_runs_in_svi():
-    svi = SVI(model, guide, numpyro.optim.Adam(0.05), loss=px.numpyro.IWELBO(num_inner=4))
+    svi = SVI(model, guide, numpyro.optim.Adam(0.05), loss=px.numpyro.IWELBO(num_particles=4))
     result = svi.run(jax.random.key(3), 200, DATA, progress_bar=False)
     assert np.all(np.isfinite(result.losses))
 
@@ -110,7 +110,7 @@ def test_posterior_samples_to_arviz_summary():
 
 
 def test_vimco_loss_is_unbiased_for_the_iwelbo_gradient_and_trains():
-    loss = px.numpyro.VIMCO(num_inner=3)
+    loss = px.numpyro.VIMCO(num_particles=3)
     params = {"logit": jnp.asarray(0.3)}
     values, grads = many(lambda key: jax.value_and_grad(
         lambda p: loss.loss(key, p, coin_model, coin_guide, 0.5))(params))
@@ -234,12 +234,17 @@ def test_subsampling_plates_give_unbiased_minibatch_elbos(model_fn, guide_fn, pa
 
 
 def test_subsampling_in_svi_run_trains():
+    import optax
+
+    # a decaying step size: with a constant one the last iterate wanders by about 0.15
+    # (minibatch noise), whatever the seed
     svi = SVI(functools.partial(local_model, subsample_size=5),
-              functools.partial(local_guide, subsample_size=5), numpyro.optim.Adam(0.05),
-              loss=px.numpyro.ELBO())
+              functools.partial(local_guide, subsample_size=5),
+              optax.adam(optax.exponential_decay(0.05, 1500, 0.05)), loss=px.numpyro.ELBO())
     result = svi.run(jax.random.key(0), 1500, SUB_DATA, progress_bar=False)
     # x_i | mu ~ N(mu, 2): the posterior of mu is N(sum(x) / (N + 2), 2 / (N + 2)), and
     # mean-field VI recovers its mean; 0.15 is half a posterior standard deviation
+    # (seeds 0-5 end within 0.05)
     exact = float(jnp.sum(SUB_DATA) / (20 + 2))
     assert abs(float(result.params["m"]) - exact) < 0.15
 
@@ -297,7 +302,7 @@ def test_mixture_with_enumerated_assignments_matches_trace_enum_elbo():
     params = svi.get_params(svi.init(jax.random.key(0), x))
     params["locs_auto_loc"] = jnp.array([-1.0, 0.5])
     key = jax.random.key(1)
-    for loss in (px.numpyro.ELBO(), px.numpyro.IWELBO(num_inner=3)):
+    for loss in (px.numpyro.ELBO(), px.numpyro.IWELBO(num_particles=3)):
         ours = jax.value_and_grad(lambda p: loss.loss(key, p, mixture, globals_guide, x))(params)
         theirs = jax.value_and_grad(
             lambda p: TraceEnum_ELBO().loss(key, p, mixture, globals_guide, x))(params)
@@ -368,7 +373,7 @@ def global_guide_s(ys):
     numpyro.sample("s", dist.LogNormal(numpyro.param("a", 0.1), 0.3))
 
 
-def test_mutable_state_is_refused_clearly():
+def test_mutable_state_outside_elbo_is_refused_clearly():
     from numpyro.primitives import mutable
 
     def counting_model(x):
@@ -376,6 +381,8 @@ def test_mutable_state_is_refused_clearly():
         count["n"] = count["n"] + 1
         model(x)
 
-    svi = SVI(counting_model, guide, numpyro.optim.Adam(0.1), loss=px.numpyro.ELBO())
+    # px.numpyro.ELBO carries it (tests/numpyro/test_parity.py); a bound has nowhere to
+    svi = SVI(counting_model, guide, numpyro.optim.Adam(0.1),
+              loss=px.numpyro.IWELBO(num_particles=2))
     with pytest.raises(NotImplementedError, match="'count' is numpyro.mutable state"):
         svi.run(jax.random.key(0), 2, DATA, progress_bar=False)

@@ -166,7 +166,23 @@ def test_objectives_refuse_plain_functions(build):
 
 
 def test_numpyro_losses_check_particle_counts():
-    with pytest.raises(ValueError, match="num_inner >= 2"):
-        px.numpyro.VIMCO(num_inner=1)
+    with pytest.raises(ValueError, match="num_particles >= 2"):
+        px.numpyro.VIMCO(num_particles=1)
     with pytest.raises(ValueError, match="positive int"):
-        px.numpyro.IWELBO(num_inner=0)
+        px.numpyro.IWELBO(num_particles=0)
+
+
+def test_params_entries_no_site_reads_are_refused_by_name():
+    """A misspelt params key would get a zero gradient: every library objective refuses
+    entries its program never reads (before: silently ignored)."""
+    objective = px.vi.elbo(M, Q)
+    good = dict(PARAMS)
+    assert np.isfinite(objective(jax.random.key(0), good, X))
+    with pytest.raises(ValueError, match=r"\['lco'\] are not read by ELBO"):
+        objective.grad(jax.random.key(0), {**good, "lco": jnp.asarray(0.3)}, X)
+    with pytest.raises(ValueError, match=r"extra/w"):
+        px.vi.iwelbo(M, Q, 2).estimate(jax.random.key(0),
+                                       {**good, "extra": {"w": jnp.ones(2)}}, X)
+    # a plain expectation program may take inputs it ignores (no refusal there)
+    f = px.expectation(lambda params: px.sample(dist.Normal(params["a"], 1.0)))
+    assert np.isfinite(f.grad(jax.random.key(0), {"a": 0.1, "unused": 1.0})["a"])
