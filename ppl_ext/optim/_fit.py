@@ -397,7 +397,12 @@ def _target(objective, program, name: str, num_params: int, maximize: bool) -> E
 
     prefix = "negated_" if maximize else ""
     target.__name__ = target.__qualname__ = f"{prefix}{name}"
-    return expectation(target)
+    wrapped = expectation(target)
+    inner = getattr(objective, "expectation", objective)
+    if getattr(inner, "_required_params", ()):
+        # an objective refuses params entries it never reads (a misspelt name): so does fit
+        wrapped._required_params = (0,)
+    return wrapped
 
 
 # ------------------------------------------------------------------------- input checks

@@ -469,3 +469,22 @@ def test_backend_protocol_violations_are_named():
 
     with pytest.raises(TypeError, match="BackendInfo"):
         fit(quadratic, THETA0, NoInfo(0.1), 5, jax.random.key(0), progress=False)
+
+
+def test_fit_refuses_params_entries_an_objective_never_reads():
+    """A misspelt key of a px.vi objective's params is refused by name, as the objective
+    itself refuses it (a plain px.Expectation only warns: it may ignore inputs)."""
+    def model(x):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        numpyro.sample("z", dist.Normal(numpyro.param("loc", 0.0), 1.0))
+
+    objective = px.vi.elbo(px.gen.NumPyroModel(model), px.gen.NumPyroModel(guide))
+    with pytest.raises(ValueError, match=r"\['lco'\] are not read"):
+        fit(objective, {"loc": jnp.asarray(0.0), "lco": jnp.asarray(1.0)}, optax.adam(0.1), 5,
+            jax.random.key(0), 1.0, progress=False)
+    result = fit(objective, {"loc": jnp.asarray(0.0)}, optax.adam(0.1), 5, jax.random.key(0),
+                 1.0, progress=False)
+    assert np.isfinite(float(result.params["loc"]))
