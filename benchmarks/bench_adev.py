@@ -170,7 +170,7 @@ def build_ppl_ext(program: str, n: int, validate_args=None):
     f = px.expectation(prog)
     # `f.grad` calls the jitted `f._grad(argnums, ...)`; lowering and compiling that very
     # object fills the cache that `f.grad` hits. (Fallback if the attribute is renamed.)
-    jitted = getattr(f, "_grad", None)
+    jitted = getattr(f, "_grad_plain", None)
     if not hasattr(jitted, "lower"):
         jitted = jax.jit(f.grad)
         return jitted, jitted
@@ -178,7 +178,8 @@ def build_ppl_ext(program: str, n: int, validate_args=None):
 
 
 class _FirstArgument:
-    """`f._grad` with `argnums=1` bound, keeping `.lower` (compile-time measurement)."""
+    """`f.grad`'s jitted function for array arguments, `f._grad_plain(argnums, key,
+    *args)`, with `argnums=1` bound, keeping `.lower` (compile-time measurement)."""
 
     def __init__(self, jitted):
         self.jitted = jitted

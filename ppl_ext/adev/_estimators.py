@@ -318,6 +318,12 @@ class Reinforce(AbstractLocalEstimator):
     `rao_blackwellise` is true (the default); otherwise the score of the summed log
     density multiplies the whole `y - b`.
 
+    **Rao-Blackwellisation along the dependency graph.** A site at the top level of the
+    program (not inside a loop, cond, call or nested expectation), without a baseline,
+    scores against the terms of `y` that depend on its draw only: `(y - R) d log q(x)`,
+    `R` the sum of the additive terms of `y` that provably do not depend on `x` (as
+    NumPyro's `TraceGraph_ELBO`; `_graph.py`). Off with `rao_blackwellise=False`.
+
     A scalar baseline on a site that is Rao-Blackwellised per element is refused, naming
     the site: a scalar is a baseline for the whole objective, and none of its per-element
     readings is safe. Measured on a 30-element plate of Bernoulli assignments with data of

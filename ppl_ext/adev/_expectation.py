@@ -22,6 +22,7 @@ from ._interpreter import (
     run_jaxpr,
     zero_acc,
 )
+from ._graph import plan as graph_plan
 from ._primitives import bind_nested, inside_expectation, tracing_expectation
 
 
@@ -41,8 +42,9 @@ class _Program:
 
 def _evaluate(program: _Program, key, inputs, surrogate: bool):
     """`(outputs, invalid message id)` of the program, in value or surrogate mode."""
+    graph = graph_plan(program.jaxpr) if surrogate else None
     return run_jaxpr(program.jaxpr, [], inputs, key, zero_acc(surrogate), surrogate, finish,
-                     (), program.messages)
+                     (), program.messages, graph)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -172,6 +174,12 @@ class Expectation:
         self._estimate = jax.jit(self._estimate_impl, static_argnums=0)
         self._grad = jax.jit(self._grad_impl, static_argnums=(0, 1))
         self._value_and_grad = jax.jit(self._value_and_grad_impl, static_argnums=(0, 1))
+        # with no static argument (the common case) these plain signatures dispatch as
+        # cheaply as a hand-written jitted function (no spec to hash, no tree rebuilt)
+        self._estimate_plain = jax.jit(self._estimate_plain_impl)
+        self._grad_plain = jax.jit(self._grad_plain_impl, static_argnums=0)
+        self._value_and_grad_plain = jax.jit(self._value_and_grad_plain_impl,
+                                             static_argnums=0)
 
     def __call__(self, *args, **kwargs):
         if inside_expectation():
@@ -211,6 +219,15 @@ class Expectation:
             raise InvalidParameterError(text.removeprefix("px.InvalidParameterError: "))
         return result
 
+    def _estimate_plain_impl(self, key, *args, **kwargs):
+        return self._run((key, *args), kwargs)
+
+    def _grad_plain_impl(self, argnums, key, *args, **kwargs):
+        return self._grad_impl(argnums, None, key, (args, kwargs))
+
+    def _value_and_grad_plain_impl(self, argnums, key, *args, **kwargs):
+        return self._value_and_grad_impl(argnums, None, key, (args, kwargs))
+
     def _estimate_impl(self, spec, key, arrays):
         args, kwargs = _join_static(spec, arrays)
         return self._run((key, *args), kwargs)
@@ -222,6 +239,8 @@ class Expectation:
         when a site's traced parameters violate their constraints (numpyro validate_args).
         """
         spec, arrays = _split_static(args, kwargs)
+        if spec is None:
+            return self._checked(*self._estimate_plain(key, *args, **kwargs))
         return self._checked(*self._estimate(spec, key, arrays))
 
     def _scalar(self, key, *args, **kwargs):
@@ -263,12 +282,16 @@ class Expectation:
         """
         argnums = _check_argnums(argnums, len(args))
         spec, arrays = _split_static(args, kwargs)
+        if spec is None:
+            return self._checked(*self._grad_plain(argnums, key, *args, **kwargs))
         return self._checked(*self._grad(argnums, spec, key, arrays))
 
     def value_and_grad(self, key, *args, argnums: int | tuple[int, ...] = 1, **kwargs):
         """`(estimate, gradient estimate)` from the same draws (jitted); `argnums` as `grad`."""
         argnums = _check_argnums(argnums, len(args))
         spec, arrays = _split_static(args, kwargs)
+        if spec is None:
+            return self._checked(*self._value_and_grad_plain(argnums, key, *args, **kwargs))
         return self._checked(*self._value_and_grad(argnums, spec, key, arrays))
 
 
@@ -337,18 +360,26 @@ def _split_static(args: tuple, kwargs: dict):
 
     Lets the jitted methods keep Python ints, bools and strings static (compiled in), as
     `_trace` does; an unhashable non-array leaf is passed on (and fails there by name).
+    With nothing static the spec is None and `arrays` is `(args, kwargs)` itself, which
+    keeps the per-call dispatch cost of a plain jitted function.
     """
+    if not kwargs and all(isinstance(x, jax.Array) for x in args):
+        return None, (args, kwargs)  # the common case, cheap to dispatch: nothing static
     leaves, treedef = jax.tree.flatten((args, kwargs))
     static = tuple(not _traced_leaf(x) for x in leaves)
+    if not any(static):
+        return None, (args, kwargs)
     constants = tuple(x for x, s in zip(leaves, static) if s)
     try:
         hash(constants)
     except TypeError:
-        return (treedef, tuple(False for _ in leaves), ()), leaves
+        return None, (args, kwargs)
     return (treedef, static, constants), [x for x, s in zip(leaves, static) if not s]
 
 
 def _join_static(spec, arrays) -> tuple[tuple, dict]:
+    if spec is None:
+        return arrays
     treedef, static, constants = spec
     return jax.tree.unflatten(treedef, _merge(list(static), arrays, constants))
 

@@ -51,12 +51,20 @@ class Acc(NamedTuple):
     """What a program accumulates besides its values (see `_estimators.py`).
 
     `score` and `baseline` are the surrogate terms `A` and `B` (None in value mode);
-    `invalid` is the id of the first site with invalid parameters, or -1.
+    `invalid` is the id of the first site with invalid parameters, or -1. `sites` holds
+    the scores of top-level score-function sites kept apart (`{equation index: score}`,
+    or None): `finish` multiplies each by the part of the final value that depends on the
+    site's draw (`_graph.py`), and everything else (`apply_acc`) folds them into `A`.
+    `terms` is `(plan, values)`, the top-level values that `finish` reads, recorded at
+    the end of the top-level program (None before, and where a plate group or a
+    continuation estimator finishes the program).
     """
 
     score: Any
     baseline: Any
     invalid: Any
+    sites: Any = None
+    terms: Any = None
 
 
 Cont = Callable[[list[Any], Acc], Any]
@@ -69,6 +77,7 @@ class Scope(NamedTuple):
     where: tuple[str, ...]
     jaxpr: Any  # the jaxpr being run (for the sign facts of its variables)
     messages: list[str]  # the program's run-time error messages; `invalid` indexes it
+    graph: Any = None  # the top-level program's `_graph.Plan` (None in every other scope)
 
 
 class Continue(NamedTuple):
@@ -109,18 +118,50 @@ def add_acc(acc: Acc, score, baseline_term) -> Acc:
     return acc._replace(score=a, baseline=b)
 
 
+def add_site(acc: Acc, index: int, score) -> Acc:
+    """Keep the score of the top-level site at equation `index` apart (`Acc.sites`)."""
+    sites = dict(acc.sites or {})
+    sites[index] = score.astype(acc.score.dtype)
+    return acc._replace(sites=sites)
+
+
+def _folded(acc: Acc):
+    """`A` with the scores kept apart folded in (each multiplies the whole value)."""
+    a = acc.score
+    for score in (acc.sites or {}).values():
+        a = a + score
+    return a
+
+
 def apply_acc(outs: list[Any], acc: Acc) -> list[Any]:
     """Turn final values `y` into surrogates `y + sg(y)·A - B` (identity in value mode)."""
     outs = list(outs)
     if acc.score is not None:
-        a, b = acc.score, acc.baseline
+        a, b = _folded(acc), acc.baseline
         outs = [y + sg(y) * a.astype(y.dtype) - b.astype(y.dtype) for y in outs]
     return outs
 
 
 def finish(outs: list[Any], acc: Acc) -> tuple[list[Any], Any]:
-    """The continuation that ends a whole program: `(surrogate outputs, invalid site id)`."""
-    return apply_acc(outs, acc), acc.invalid
+    """The continuation that ends a whole program: `(surrogate outputs, invalid site id)`.
+
+    With the top-level values recorded (`Acc.terms`), each score kept apart multiplies
+    only the part of `y` that depends on its site's draw, `y - R_s` (`_graph.py`):
+    `y + sg(y)·A + Σ_s sg(y - R_s)·score_s - B`; otherwise `y + sg(y)·A - B`, the
+    kept-apart scores folded into `A`.
+    """
+    if acc.score is None or not acc.sites or acc.terms is None:
+        return apply_acc(outs, acc), acc.invalid
+    plan, values = acc.terms
+    live = [i for i in acc.sites if plan.zeroed[i]]  # others: y does not depend on them
+    rests = plan.remainders(values, live)
+    result = []
+    for k, y in enumerate(outs):
+        out = y + sg(y) * acc.score.astype(y.dtype) - acc.baseline.astype(y.dtype)
+        for i in live:
+            out = out + sg(y - rests[i][k]) * acc.sites[i].astype(y.dtype)
+        result.append(out)
+    return result, acc.invalid
 
 
 def merge_invalid(first, second):
@@ -186,11 +227,13 @@ def run_jaxpr(
     cont: Cont | None,
     where: tuple[str, ...],
     messages: list[str],
+    graph: Any = None,
 ):
     """Interpret `jaxpr`. With `cont`, return `cont`'s result; without, `(outs, acc)`.
 
     `messages` is the program's list of run-time error messages (parameter checks append
-    theirs; the `invalid` accumulator is an index into it).
+    theirs; the `invalid` accumulator is an index into it). `graph` is the
+    Rao-Blackwellisation plan (`_graph.plan`) of a whole program run to `finish`.
     """
     env: dict[Any, Any] = {}
     for var, val in zip(jaxpr.constvars, consts, strict=True):
@@ -204,7 +247,7 @@ def run_jaxpr(
         keys = key[None]
     else:
         keys = jax.random.split(key, len(slots))
-    scope = Scope(keys, slots, surrogate, where, jaxpr, messages)
+    scope = Scope(keys, slots, surrogate, where, jaxpr, messages, graph)
     return _run_from(jaxpr, 0, env, scope, acc, cont)
 
 
@@ -252,7 +295,11 @@ def _run_from(jaxpr, start, env, scope: Scope, acc: Acc, cont: Cont | None):
         _write(env, eqn, result.outs)
         acc = result.acc
     outs = [_read(env, v) for v in jaxpr.outvars]
-    return (outs, acc) if cont is None else cont(outs, acc)
+    if cont is None:
+        return outs, acc
+    if scope.graph is not None and acc.sites:  # the end of the top-level program
+        acc = acc._replace(terms=(scope.graph, [env[v] for v in scope.graph.record]))
+    return cont(outs, acc)
 
 
 class Resume:
@@ -318,6 +365,12 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
                 return Final((apply_acc(outs, acc), merge_invalid(acc.invalid, invalid)))
         x, score, baseline_term = estimator.local(key, distribution, scope.surrogate)
         x = jnp.asarray(x).astype(dtype)
+        if (score is not None and baseline_term is None and estimator.score_function
+                and getattr(estimator, "rao_blackwellise", True) and scope.graph is not None and isinstance(resume, Resume)
+                and resume.index in scope.graph.sites):
+            # a top-level score function without a baseline: scored against the part of
+            # the final value that depends on its draw (`finish`, `_graph.py`)
+            return Continue([x], add_site(acc, resume.index, score))
         return Continue([x], add_acc(acc, score, baseline_term))
     if resume is None:
         raise UnsupportedEstimatorError(

@@ -18,9 +18,10 @@ from jaxtyping import Array
 from numpyro import handlers
 from numpyro.infer.util import log_density
 
-from ..adev import AbstractEstimator, enum, reinforce
-from ..adev._primitives import sample as _sample
+from ..adev import AbstractEstimator, default_estimator, enum, reinforce
+from ..adev._primitives import _point_mass, sample as _sample
 from ._protocol import (
+    score_function_densities_are_stopped,
     AbstractConditionable,
     AbstractGenerativeFunction,
     DensityTerm,
@@ -147,6 +148,8 @@ class _DrawWithEstimators(numpyro.primitives.Messenger):
         self.estimators = estimators
         self.default = default
         self.drawn: dict[str, Array] = {}
+        #: drawn sites whose estimator is not pathwise (their value carries no tangent)
+        self.score_sites: set[str] = set()
         #: latent sites whose value a handler inside the function fixed (`substitute`)
         self.given: dict[str, Array] = {}
         super().__init__(fn)
@@ -210,6 +213,9 @@ class _DrawWithEstimators(numpyro.primitives.Messenger):
             default = enum  # numpyro's config_enumerate on a guide site: sum over it
         estimator = self.estimators.get(name, infer.get("estimator", default))
         base, transforms = _flow_parts(msg["fn"])
+        effective = default_estimator(base) if estimator is None else estimator
+        if not effective.pathwise and not _point_mass(base):
+            self.score_sites.add(name)
         if not transforms:
             return _sample(msg["fn"], estimator, name=name, _plates=False)
         # a normalising flow: draw the base, push it through the transforms and keep their
@@ -455,7 +461,7 @@ def _site_log_density(site) -> Array:
     return jnp.sum(log_prob)
 
 
-def _log_joint(model_trace, skip=frozenset()) -> Array:
+def _log_joint(model_trace, skip=frozenset(), stopped=frozenset()) -> Array:
     """Sum of the (scaled, masked) log densities of a trace's sample sites not in `skip`.
 
     What `numpyro.infer.util.log_density` computes, from a trace already recorded.
@@ -463,7 +469,10 @@ def _log_joint(model_trace, skip=frozenset()) -> Array:
     total = jnp.zeros(())
     for name, site in model_trace.items():
         if site["type"] == "sample" and name not in skip:
-            total = total + _site_log_density(site)
+            term = _site_log_density(site)
+            if name in stopped:  # see `score_function_densities_stopped`
+                term = jax.lax.stop_gradient(term)
+            total = total + term
     return total
 
 
@@ -538,7 +547,9 @@ class NumPyroModel(AbstractConditionable):
                                   _function_name(self.fn))
         _report_observed(traced.trace, _function_name(self.fn))
         values = {**dict(constraints), **handler.given, **handler.drawn}
-        return values, handler.drawn, _log_joint(traced.trace), retval, traced.trace
+        stopped = handler.score_sites if score_function_densities_are_stopped() else ()
+        return (values, handler.drawn, _log_joint(traced.trace, stopped=frozenset(stopped)),
+                retval, traced.trace)
 
     def simulate(self, params: Mapping[str, Any] | None, *args, **kwargs) -> Trace:
         """Draw every latent site; `log_density` is the joint log density of the run."""

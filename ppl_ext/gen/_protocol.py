@@ -78,6 +78,34 @@ def report_density_term(term: DensityTerm) -> None:
         terms.append(term)
 
 
+_STOP_SCORE_DENSITIES: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ppl_ext_stop_score_densities", default=False
+)
+
+
+@contextlib.contextmanager
+def score_function_densities_stopped() -> Iterator[None]:
+    """Within this (trace-time) extent, `simulate` may put the log density of each draw
+    whose estimator is not pathwise under `stop_gradient`.
+
+    The parameter derivative of `log q(z)` at such a draw has mean zero
+    (`E_q[∇ log q(z)] = 0`, the value carrying no tangent), so an objective that is
+    *linear* in the guide's log density (the ELBO) stays unbiased without it and loses
+    its variance, as NumPyro's TraceGraph_ELBO does. Objectives nonlinear in it (IWELBO,
+    Rényi, VIMCO) must not use this: there the term no longer has mean zero.
+    """
+    token = _STOP_SCORE_DENSITIES.set(True)
+    try:
+        yield
+    finally:
+        _STOP_SCORE_DENSITIES.reset(token)
+
+
+def score_function_densities_are_stopped() -> bool:
+    """Whether `score_function_densities_stopped` is active (read while tracing)."""
+    return _STOP_SCORE_DENSITIES.get()
+
+
 class AbstractGenerativeFunction(eqx.Module):
     """A probabilistic program with a density over its random choices.
 

@@ -11,6 +11,7 @@ from numpyro import handlers
 
 from ..adev import AbstractEstimator, Expectation, expectation
 from ..gen import NumPyroModel
+from ..gen._protocol import score_function_densities_stopped
 from ..gen._numpyro import (
     collect_mutable as _collect_mutable,
     _assess_trace,
@@ -327,7 +328,8 @@ class ELBO(ObjectiveLoss):
         @expectation
         def elbo_and_state(params, *call_args):
             with _collect_mutable() as seen:
-                trace = guide_gf.simulate(params, *call_args)
+                with score_function_densities_stopped():  # linear in log q: as px.vi.ELBO
+                    trace = guide_gf.simulate(params, *call_args)
                 value = model_gf.assess(trace.choices, params, *call_args) - trace.log_density
                 state = {name: get() for name, get in seen.items()}
             return value, state

@@ -38,6 +38,7 @@ import equinox as eqx
 
 from ..adev import AbstractEstimator, Expectation, reinforce
 from ..gen import AbstractGenerativeFunction
+from ..gen._protocol import score_function_densities_stopped
 from ._constructs import _check_gen_fn, _check_particles, marginal, normalize
 from ._requirements import SiteRequirement, check_sites, pathwise_site, score_function_site
 
@@ -145,7 +146,10 @@ class ELBO(AbstractObjective):
     guide: AbstractGenerativeFunction
 
     def program(self, params, *args, **kwargs):
-        trace = self.guide.simulate(params, *args, **kwargs)
+        # linear in log q: the score-function draws' own log q derivative (mean zero) is
+        # left out, as TraceGraph_ELBO does (see gen.score_function_densities_stopped)
+        with score_function_densities_stopped():
+            trace = self.guide.simulate(params, *args, **kwargs)
         return self.model.assess(trace.choices, params, *args, **kwargs) - trace.log_density
 
 
