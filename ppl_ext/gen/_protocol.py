@@ -92,9 +92,26 @@ def score_function_densities_stopped() -> Iterator[None]:
     (`E_q[∇ log q(z)] = 0`, the value carrying no tangent), so an objective that is
     *linear* in the guide's log density (the ELBO) stays unbiased without it and loses
     its variance, as NumPyro's TraceGraph_ELBO does. Objectives nonlinear in it (IWELBO,
-    Rényi, VIMCO) must not use this: there the term no longer has mean zero.
+    Rényi, VIMCO) must not use this: there the term no longer has mean zero; nor may
+    constructs that combine densities nonlinearly pass it on to what they call (they run
+    it under `score_function_densities_kept`).
     """
     token = _STOP_SCORE_DENSITIES.set(True)
+    try:
+        yield
+    finally:
+        _STOP_SCORE_DENSITIES.reset(token)
+
+
+@contextlib.contextmanager
+def score_function_densities_kept() -> Iterator[None]:
+    """Undo `score_function_densities_stopped` within this extent.
+
+    A construct that uses the densities of the generative functions it calls nonlinearly
+    (`px.vi.marginal`'s log-mean-exp, `px.vi.normalize`'s weights) runs them in this
+    context: there the dropped term would no longer have mean zero.
+    """
+    token = _STOP_SCORE_DENSITIES.set(False)
     try:
         yield
     finally:

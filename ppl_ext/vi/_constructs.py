@@ -15,6 +15,7 @@ programmable variational inference".
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -27,6 +28,19 @@ from jaxtyping import Array
 
 from ..adev import AbstractEstimator, reinforce, sample
 from ..gen import AbstractGenerativeFunction, Trace
+from ..gen._protocol import score_function_densities_kept
+
+
+def _keeps_score_densities(method):
+    """Run `method` with every density of what it calls kept whole (it combines them
+    nonlinearly; see `gen.score_function_densities_stopped`)."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with score_function_densities_kept():
+            return method(self, *args, **kwargs)
+
+    return wrapped
 
 
 def _split(choices: dict, keep: Sequence[str]) -> tuple[dict, dict]:
@@ -82,6 +96,7 @@ class Marginal(AbstractGenerativeFunction):
 
         return lax.scan(body, None, length=num)[1]
 
+    @_keeps_score_densities
     def simulate(self, params, *args, **kwargs) -> Trace:
         """Draw `x` exactly; `log_density` is `log Ẑ` (see the class docstring)."""
         trace = self.model.simulate(params, *args, **kwargs)
@@ -94,6 +109,7 @@ class Marginal(AbstractGenerativeFunction):
         log_z = logsumexp(log_weights) - math.log(self.num_particles)
         return Trace(kept, log_z, trace.retval)
 
+    @_keeps_score_densities
     def assess(self, choices, params, *args, **kwargs) -> Array:
         """`log ẑ(x)`, `ẑ` an unbiased estimate of the marginal density `q(x)`."""
         log_weights = self._fresh_log_weights(self.num_particles, dict(choices), params,
@@ -131,6 +147,7 @@ class Normalize(AbstractGenerativeFunction):
 
         return lax.scan(body, None, length=num)[1]
 
+    @_keeps_score_densities
     def simulate(self, params, *args, **kwargs) -> Trace:
         """Draw by SIR; `log_density` is `log p̃(x) - log Ẑ`."""
         choices, log_p, log_w = self._candidates(self.num_particles, params, args, kwargs)
@@ -140,6 +157,7 @@ class Normalize(AbstractGenerativeFunction):
         log_z = logsumexp(log_w) - math.log(self.num_particles)
         return Trace(selected, log_p[index] - log_z, None)
 
+    @_keeps_score_densities
     def assess(self, choices, params, *args, **kwargs) -> Array:
         """`log p̃(x) - log Ẑ` with `x` among `K - 1` fresh candidates."""
         log_p = self.target.assess(dict(choices), params, *args, **kwargs)

@@ -14,7 +14,8 @@ import pytest
 
 import ppl_ext as px
 from tests.helpers import (
-    assert_unbiased, coin_guide, coin_model, exact_coin_iwelbo, many, mean_and_se,
+    assert_same_mean, assert_unbiased, coin_guide, coin_model, exact_coin_iwelbo, many,
+    mean_and_se,
 )
 
 SQRT_2PI = math.sqrt(2 * math.pi)
@@ -157,3 +158,40 @@ def test_numpyro_model_with_a_traced_baseline_and_an_enumerated_event_site():
     f = px.expectation(lambda l: jnp.sum(
         px.sample(dist.Bernoulli(logits=l).to_event(1), px.enum) * jnp.arange(3.0)))
     np.testing.assert_allclose(f.grad(jax.random.key(0), jnp.zeros(3)), 0.25 * jnp.arange(3.0))
+
+
+def test_elbo_keeps_score_densities_inside_a_marginal():
+    """The ELBO drops the zero-mean log q derivative of its guide's score-function draws
+    (as TraceGraph_ELBO), but not inside `marginal`, whose log-mean-exp of densities is
+    nonlinear: there the term does not average to zero. Same gradient mean as the ELBO
+    written by hand (no dropping), within 4 combined SE. (On this model the bias of
+    dropping inside the marginal is below what 2·10^4 draws resolve, so this checks
+    agreement rather than catching the old behaviour; keeping the term is always
+    unbiased.)"""
+    import numpyro as npy
+
+    def joint(x):
+        u = npy.sample("u", dist.Bernoulli(logits=npy.param("a", 0.3)))
+        npy.sample("z", dist.Normal(npy.param("m", 0.2) + 3.0 * u, 0.5))
+
+    def reverse(kept, x):
+        npy.sample("u", dist.Bernoulli(logits=npy.param("r", -0.4)))
+
+    def target(x):
+        z = npy.sample("z", dist.Normal(0.0, 1.0))
+        npy.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    q = px.vi.marginal(px.gen.NumPyroModel(joint), ["z"], px.gen.NumPyroModel(reverse), 2)
+    m = px.gen.NumPyroModel(target)
+    params = {"a": jnp.asarray(0.3), "m": jnp.asarray(0.2), "r": jnp.asarray(-0.4)}
+
+    @px.expectation
+    def by_hand(params, x):
+        trace = q.simulate(params, x)
+        return m.assess(trace.choices, params, x) - trace.log_density
+
+    library = px.vi.elbo(m, q)
+    ours = many(lambda k: library.grad(k, params, 0.7), num=20_000)
+    theirs = many(lambda k: by_hand.grad(k, params, 0.7), num=20_000, seed=1)
+    for name in params:
+        assert_same_mean(ours[name], theirs[name], what=f"d/d{name}")
