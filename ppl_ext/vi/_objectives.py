@@ -25,6 +25,7 @@ an observed site or factor that depends on the parameters).
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import math
 from typing import ClassVar
@@ -37,7 +38,7 @@ from jax.scipy.special import logsumexp
 import equinox as eqx
 
 from ..adev import AbstractEstimator, Expectation, reinforce
-from ..gen import AbstractGenerativeFunction
+from ..gen import AbstractGenerativeFunction, NumPyroModel
 from ..gen._protocol import score_function_densities_stopped
 from ._constructs import _check_gen_fn, _check_particles, marginal, normalize
 from ._requirements import SiteRequirement, check_sites, pathwise_site, score_function_site
@@ -147,8 +148,11 @@ class ELBO(AbstractObjective):
 
     def program(self, params, *args, **kwargs):
         # linear in log q: the score-function draws' own log q derivative (mean zero) is
-        # left out, as TraceGraph_ELBO does (see gen.score_function_densities_stopped)
-        with score_function_densities_stopped():
+        # left out, as TraceGraph_ELBO does (see gen.score_function_densities_stopped);
+        # only for a NumPyro guide, whose log density is a plain sum over its sites (a
+        # construct or a user's generative function may combine densities nonlinearly)
+        stop = isinstance(self.guide, NumPyroModel)
+        with score_function_densities_stopped() if stop else contextlib.nullcontext():
             trace = self.guide.simulate(params, *args, **kwargs)
         return self.model.assess(trace.choices, params, *args, **kwargs) - trace.log_density
 
