@@ -43,7 +43,8 @@ class AbstractBackend(AbstractKernel):
 
     The kernel protocol with the objective as an argument:
 
-    - `init(params, objective, *args, **kwargs) -> State`;
+    - `init(key, params, objective, *args, **kwargs) -> State`; `key` seeds a random
+      initial state (a particle cloud around `params`); back-ends that need none ignore it;
     - `step(key, state, objective, *args, **kwargs) -> (State, Info)`, where `Info` has
       the attributes `value` and `grad_norm` of `BackendInfo` (scalar arrays), which
       `px.fit` records;
@@ -72,7 +73,7 @@ class AbstractBackend(AbstractKernel):
         >>> class RandomSearch(AbstractBackend):
         ...     step_size: float
         ...
-        ...     def init(self, params, objective, *args, **kwargs):
+        ...     def init(self, key, params, objective, *args, **kwargs):
         ...         return SearchState(params)
         ...
         ...     def step(self, key, state, objective, *args, **kwargs):
@@ -100,8 +101,8 @@ class AbstractBackend(AbstractKernel):
     """
 
     @abc.abstractmethod
-    def init(self, params: Any, objective: Any, *args: Any, **kwargs: Any) -> State:
-        """The initial state for minimising `objective` from `params`."""
+    def init(self, key: Any, params: Any, objective: Any, *args: Any, **kwargs: Any) -> State:
+        """The initial state for minimising `objective` from `params`; `key` seeds it."""
 
     @abc.abstractmethod
     def step(
@@ -155,7 +156,7 @@ class OptaxBackend(AbstractBackend):
         ...     x = px.sample(dist.Normal(theta, 1.0))
         ...     return (x - 3.0) ** 2
         >>> backend = OptaxBackend(optax.sgd(0.1))
-        >>> state = backend.init(jnp.array(0.0), loss)
+        >>> state = backend.init(jax.random.key(1), jnp.array(0.0), loss)
         >>> state, info = backend.step(jax.random.key(0), state, loss)
         >>> bool(state.params > 0.0), info.value.shape
         (True, ())
@@ -170,7 +171,7 @@ class OptaxBackend(AbstractBackend):
                 f"got {type(self.transformation).__name__}."
             )
 
-    def init(self, params, objective, *args, **kwargs) -> OptaxState:
+    def init(self, key, params, objective, *args, **kwargs) -> OptaxState:
         """`OptaxState(params, transformation.init(params))`."""
         return OptaxState(params, self.transformation.init(params))
 

@@ -6,7 +6,8 @@ chunks of every length share one compiled program (compiled ahead of time, befor
 first chunk runs, and never retraced). Between chunks the host records the per-step
 estimates, updates the progress bar, calls the callbacks and asks the early-stopping rule.
 Step `i` (counted from 0 over the whole run) uses the key `jax.random.fold_in(key, i)`,
-so the result does not depend on how the steps are cut into chunks.
+so the result does not depend on how the steps are cut into chunks; the back-end's
+`init` gets `jax.random.fold_in(key, 2**32 - 1)`.
 """
 
 from __future__ import annotations
@@ -241,7 +242,9 @@ def fit(
         target = _target(objective, program, name, num_params, maximize)
         value_dtype = _check_value(target, name, key, params, args, kwargs)
         dynamic, static = eqx.partition((args, kwargs), eqx.is_array)
-        state = _strong(backend.init(params, target, *args, **kwargs))
+        # the init key is folded off the step keys, which stay those of `key`
+        key_init = jax.random.fold_in(key, np.uint32(2**32 - 1))
+        state = _strong(backend.init(key_init, params, target, *args, **kwargs))
         _check_params_tree(backend, state, params)
         buffer = chunk_size or min(num_steps, MAX_CHUNK_SIZE)
         chunk = _chunk_program(backend, target, static, buffer, value_dtype)

@@ -207,7 +207,7 @@ class RandomSearch(AbstractBackend):
 
     step_size: float
 
-    def init(self, params, objective, *args, **kwargs):
+    def init(self, key, params, objective, *args, **kwargs):
         return SearchState(params, jnp.asarray(jnp.inf))
 
     def step(self, key, state, objective, *args, **kwargs):
@@ -239,9 +239,9 @@ def test_custom_value_only_backend_runs_through_fit():
     seen = []
 
     class Recording(RandomSearch):
-        def init(self, params, objective, *args, **kwargs):
+        def init(self, key, params, objective, *args, **kwargs):
             seen.append(objective)
-            return super().init(params, objective, *args, **kwargs)
+            return super().init(key, params, objective, *args, **kwargs)
 
     result = fit(narrow, THETA0, Recording(0.3), 400, jax.random.key(4), progress=False)
     assert abs(float(result.params["theta"]) - 3.0) < 0.3
@@ -263,7 +263,7 @@ def test_abstract_classes_cannot_be_instantiated():
         AbstractBackend()
 
     class NoParams(AbstractBackend):
-        def init(self, params, objective, *args, **kwargs):
+        def init(self, key, params, objective, *args, **kwargs):
             return params
 
         def step(self, key, state, objective, *args, **kwargs):
