@@ -9,6 +9,8 @@ scikit-learn's bundled digits or by synthetic data):
   int, B enumerated in the model), TraceEnum_ELBO vs `px.numpyro.ELBO()`;
 - `zip`: examples/zero_inflated_poisson.py (AutoDiagonalNormal, synthetic fish-like data),
   Trace_ELBO vs `px.numpyro.ELBO()`;
+- `dais`: AutoDAIS (numpyro's annealed-importance-sampling autoguide) on a logistic
+  regression of scikit-learn's breast cancer data, Trace_ELBO vs `px.numpyro.ELBO()`;
 - `neutra`: examples/neutra.py (AutoBNAFNormal on the dual moon, then NeuTra HMC),
   Trace_ELBO vs `px.numpyro.ELBO()`.
 
@@ -17,16 +19,35 @@ ratio ppl_ext / NumPyro, the compile time, and the workflow's answer after train
 each loss (the same seeds and steps).
 
     .venv/bin/python benchmarks/bench_numpyro_workflows.py [--quick] [--no-results]
+        [--threads 1|default]
+
+XLA is pinned to one thread (`--threads 1`, the default: set before jax is imported) or
+left at its default (`--threads default`); the table says which.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+
+def _pinned(argv) -> bool:
+    """False when the command line asks for `--threads default`."""
+    for i, arg in enumerate(argv):
+        if arg == "--threads=default" or (arg == "--threads" and argv[i + 1:i + 2] == ["default"]):
+            return False
+    return True
+
+
+if _pinned(sys.argv):  # before jax is imported
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
+                               "=false intra_op_parallelism_threads=1").strip()
 
 HERE = Path(__file__).resolve().parent
 for _path in (HERE, HERE.parent):
@@ -244,8 +265,44 @@ def neutra_workflow(quick):
                 "200+200 on the NeuTra-reparameterised model")
 
 
+# ------------------------------------------------------------------------------ AutoDAIS
+
+
+def dais_workflow(quick):
+    from numpyro.infer.autoguide import AutoDAIS
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    X = np.asarray(data.data[:, :8], np.float32)  # the first 8 features, standardised
+    X = (X - X.mean(0)) / X.std(0)
+    Y = np.asarray(data.target, np.float32)
+    X, Y = jnp.asarray(X), jnp.asarray(Y)
+
+    def model(X, Y):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1))
+        b = numpyro.sample("b", dist.Normal(0.0, 5.0))
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Bernoulli(logits=X @ w + b), obs=Y)
+
+    guide = AutoDAIS(model, K=4, eta_init=0.02, eta_max=0.1)
+
+    def answer(svi, state):
+        params = svi.get_params(state)
+        samples = guide.sample_posterior(jax.random.key(5), params, sample_shape=(200,))
+        logits = X @ samples["w"].T + samples["b"]
+        accuracy = float(jnp.mean((jnp.mean(jax.nn.sigmoid(logits), 1) > 0.5) == Y))
+        return (f"posterior-mean w[:3] {np.round(np.mean(samples['w'], 0)[:3], 2)}, "
+                f"training accuracy {accuracy:.3f}")
+
+    return dict(model=model, guide=guide, args=lambda step: (X, Y), static={},
+                optim=lambda: numpyro.optim.Adam(0.01), numpyro_loss=Trace_ELBO(),
+                steps=200 if quick else 2000, answer=answer,
+                setting="logistic regression on scikit-learn's breast cancer data (569 x 8 "
+                "standardised features), AutoDAIS(K=4), Adam(0.01)")
+
+
 WORKFLOWS = {"vae": vae_workflow, "toy_mixture": toy_mixture_workflow, "zip": zip_workflow,
-             "neutra": neutra_workflow}
+             "dais": dais_workflow, "neutra": neutra_workflow}
 
 
 # --------------------------------------------------------------------------- measuring
@@ -321,6 +378,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: few steps and repeats")
     p.add_argument("--workflows", nargs="+", default=list(WORKFLOWS), choices=list(WORKFLOWS))
     p.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
+    p.add_argument("--threads", choices=("1", "default"), default="1",
+                   help="XLA CPU threads: pinned to 1 (default) or XLA's default")
     args = p.parse_args(argv)
     repeats, timed_steps = (3, 20) if args.quick else (7, 100)
     command = command_line(argv, "benchmarks/bench_numpyro_workflows.py")
@@ -342,7 +401,7 @@ def main(argv=None) -> int:
         results_heading("bench_numpyro_workflows.py", command, versions(VERSIONS),
                         ("ppl_ext", "models"))
         + f"- machine: {machine()}; 1-min load average {load_start} at start, "
-        f"{load_average()} at end; total wall time {time.perf_counter() - t_start:.0f} s"
+        f"{load_average()} at end; XLA threads: {args.threads}; total wall time {time.perf_counter() - t_start:.0f} s"
         f"{' (QUICK smoke run)' if args.quick else ''}\n"
         + "\n".join(settings) + "\n\n"
         + markdown_table(["workflow", "loss", "µs / step", "ratio", "compile s",
