@@ -66,7 +66,9 @@ from ._estimators import (
     _factorisable,
     _law,
     _mvd_terms,
+    _support_values,
     _univariate_base,
+    _weighted_sum,
     first_invalid,
     mvd_alternatives,
 )
@@ -168,6 +170,69 @@ def _enumerate(distribution, frame, env, dtype, site, n, flat, weight):
             outs.append(sep.Val(S, vec=_per_element_sum(weights, vec), const=_first(const)))
 
     return outs, _first(score), _first(baseline), _first_invalid(invalid), later
+
+
+def _enumerate_plain(distribution, frame, env, dtype, site, n, flat, weight):
+    """Enumerate a `px.enum` site that is not a member (no plate axis, another plate, or
+    parameters that do not depend on the group): `Σ_v q(v) k(v)` inside the group.
+
+    Its law does not depend on the group's elements, so every value `v` is plain (the same
+    in every element) and the rest of the program, evaluated with tags for each `v` in one
+    vmap, stays a sum of per-element terms; so does the weighted sum over `v`. The sites
+    scored after it are scored per value: each value's own score and baseline terms are
+    folded into its outputs first (`y + sg(y)·A - B`, split into per-element terms `vec_i +
+    sg(vec_i)·A` and `const + sg(const)·A - B`: `sg(y)·A` is linear in the terms), so the
+    score of a later site multiplies only the terms of its own value's branch, as in
+    `Enum.run`'s `vmap` over the interpreted continuation. Returns the outputs, the first
+    invalid id and the flat weights (see `_run`); the caller's accumulators are unchanged.
+    """
+    law = _law(distribution, site)
+    try:
+        values = _support_values(law, site, dtype)  # (V,) + shape
+    except UnsupportedEstimatorError as error:
+        raise NotSeparable(f"{site} cannot be enumerated inside the group: {error}") from None
+    size = values.shape[0]
+    weights = jax.vmap(lambda v: _mass(law, v))(values).reshape(size, -1).prod(-1)  # (V,)
+    tags: list = []
+
+    def evaluate(value):
+        env2 = dict(env)
+        _write(env2, frame.eqn, [sep.Val(P, arr=value)])
+        outs, score, baseline, invalid, later = _run(frame, env2, n, flat, weight)
+        tags[:] = [v.kind for v in outs]
+        leaves = []
+        for v in outs:
+            if v.kind == S:
+                vec, const = v.vec, v.const
+                if score is not None:
+                    vec = vec + jax.lax.stop_gradient(vec) * score.astype(vec.dtype)
+                    if const is not None:
+                        const = const + jax.lax.stop_gradient(const) * score.astype(const.dtype)
+                if baseline is not None:
+                    base = baseline.astype(vec.dtype)
+                    const = -base if const is None else const - base
+                leaves.append((vec, const))
+            else:
+                arr = v.arr
+                if score is not None:
+                    arr = arr + jax.lax.stop_gradient(arr) * score.astype(arr.dtype)
+                if baseline is not None:
+                    arr = arr - baseline.astype(arr.dtype)
+                leaves.append(arr)
+        return leaves, invalid, later
+
+    leaves, invalid, later = jax.vmap(evaluate)(values)
+    if later is not None:
+        later = _weighted_sum(jax.lax.stop_gradient(weights), later, 1)
+    outs = []
+    for kind, leaf in zip(tags, leaves, strict=True):
+        if kind == P:
+            outs.append(sep.Val(P, arr=_weighted_sum(weights, leaf, 1)))
+        else:
+            vec, const = leaf
+            outs.append(sep.Val(S, vec=_weighted_sum(weights, vec, 1),
+                                const=None if const is None else _weighted_sum(weights, const, 1)))
+    return outs, _first_invalid(invalid), later
 
 
 def mvd_group(distribution, resume, acc, key, dtype, site: str):
@@ -708,6 +773,12 @@ def _run_frame(frame, env, acc, n, flat, weight):
                 return _Done((outs, acc.score, acc.baseline, _merge_invalid(acc.invalid, inner),
                               later))
         if all(v.kind == P for v in dist_tags):
+            if isinstance(estimator, Enum):  # not a member: summed over, plain values
+                outs, inner, later = _enumerate_plain(
+                    distribution, _Frame(frame.jaxpr, i, scope, frame.cont), env, dtype,
+                    params["label"], n, flat, weight)
+                return _Done((outs, acc.score, acc.baseline, _merge_invalid(acc.invalid, inner),
+                              later))
             if estimator.continuation:
                 raise NotSeparable(f"{params['label']} uses a continuation estimator")
             x, score, baseline_term = estimator.local(key, distribution, scope.surrogate)
