@@ -53,7 +53,6 @@ from ._laws import (
     point_mass_inside,
     sampling_law,
 )
-from ._separable import L as _LOCAL, P as _PLAIN, S as _SEPARABLE, separate
 
 sg = jax.lax.stop_gradient
 
@@ -463,44 +462,6 @@ def _weighted_sum(weights: Array, values: Array, axes: int) -> Array:
     return jnp.sum(jnp.where(positive, w * safe, w * sg(safe)), axis=tuple(range(axes)))
 
 
-class _Separated(NamedTuple):
-    """Evaluations of a continuation on alternatives, split into per-element terms."""
-
-    tags: list  # per objective output: the `_separable.Val` tag (kind P or S)
-    results: list  # per objective output: value (P) or `(vec, const)` (S), leading axis A
-    invalid: Array  # (A,) invalid site ids
-    out_tree: Any
-
-
-def _separated(k, alternatives, n):
-    """Evaluate `k` on each alternative (leading axis) with per-element tags.
-
-    Returns `(_Separated, None)` when every objective output is plain or a sum of
-    per-element terms along batch axis 0 of the site (length `n`), else `(None, reason)`.
-    """
-    closed, out_shapes = jax.make_jaxpr(k, return_shape=True)(alternatives[0])
-    tags: list = []
-
-    def evaluate(value):
-        tagged = separate(closed, value, [], n)
-        tags[:] = tagged
-        return [(t.vec, t.const) if t.kind == _SEPARABLE else t.array() for t in tagged]
-
-    results = jax.vmap(evaluate)(alternatives)
-    for t in tags[:-1]:
-        if t.kind == _LOCAL:
-            return None, "the program's output keeps the elements apart (it is not summed)"
-        if t.kind not in (_PLAIN, _SEPARABLE):
-            return None, f"the elements are combined by {t.culprit}"
-    out_tree = jax.tree.structure(out_shapes)
-    return _Separated(tags[:-1], results[:-1], results[-1], out_tree), None
-
-
-def _unflatten(sep: _Separated, outs: list, invalid) -> tuple[list, Array]:
-    outs, _ = jax.tree.unflatten(sep.out_tree, outs + [invalid])
-    return list(outs), first_invalid(sep.invalid)
-
-
 def _element_log_density(law, values, n):
     """Per-element log densities `(A, n)` of alternatives `(A,) + shape` (no clamps)."""
     log_q = jax.vmap(lambda v: log_density(law, v))(values)  # (A,) + batch_shape
@@ -529,30 +490,6 @@ def _element_mass(law, values, n):
     if q.shape[1:] == (n,):
         return q
     return q.reshape(q.shape[:1] + (n, -1)).prod(-1)
-
-
-def _enum_factorised(distribution, k, dtype, site):
-    """Plate-factorised enumeration; `(result, None)` or `(None, why it does not apply)`.
-
-    When the rest of the program is a sum of per-element terms along batch axis 0 (see
-    `_separable.py`), `E[k(c)] = Σ_i Σ_v q_i(v) g_i(v) + h`: one evaluation per value `v`
-    of an element, with every element set to `v`.
-    """
-    values = _element_values(distribution, site, dtype)  # (V,) + shape[1:]
-    n = distribution.shape()[0]
-    alternatives = jnp.broadcast_to(values[:, None], (values.shape[0], n) + values.shape[1:])
-    sep, reason = _separated(k, alternatives, n)
-    if sep is None:
-        return None, reason
-    q = _element_mass(distribution, alternatives, n)  # (V, n)
-    outs = []
-    for t, result in zip(sep.tags, sep.results):
-        if t.kind == _PLAIN:
-            outs.append(result[0])
-        else:
-            vec, const = result
-            outs.append(_weighted_sum(q, vec, 2) + (0 if const is None else const[0]))
-    return _unflatten(sep, outs, sep.invalid), None
 
 
 class Enum(AbstractContinuationEstimator):
@@ -593,19 +530,7 @@ class Enum(AbstractContinuationEstimator):
 
     def run(self, key, distribution, k, surrogate, dtype, site):
         law = _law(distribution, site)
-        reason = None
-        if _factorisable(law):
-            result, reason = _enum_factorised(law, k, dtype, site)
-            if result is not None:
-                return result
-        try:
-            values = _support_values(law, site, dtype)
-        except UnsupportedEstimatorError as error:
-            if reason is None:
-                raise
-            raise UnsupportedEstimatorError(
-                f"{error} It cannot be enumerated per element either: {reason}."
-            ) from None
+        values = _support_values(law, site, dtype)
         size = values.shape[0]
         weights = jax.vmap(lambda v: mass(law, v))(values).reshape(size, -1).prod(-1)
         outs, invalid = jax.vmap(k)(values)
@@ -712,10 +637,6 @@ class MVD(AbstractContinuationEstimator):
         shape = distribution.shape()
         x_flat = x.reshape(-1)
         terms = _mvd_terms(_univariate_base(_law(distribution, site)), shape, x_flat, key_mvd)
-        if _factorisable(distribution):
-            result = _mvd_factorised(x, terms, k, shape, dtype)
-            if result is not None:
-                return result
         alternatives = []
         for term in terms:
             alternatives.append(x_flat[None, :].repeat(term.element.size, 0)
@@ -776,42 +697,6 @@ def mvd_alternatives(x, terms, shape, dtype):
             offset += num_slots
         layout.append((element // m, rows))
     return jnp.concatenate(alternatives, 0).reshape((-1,) + shape), layout
-
-
-def _mvd_factorised(x, terms, k, shape, dtype):
-    """MVD with every element perturbed at once, when `k` is a sum of per-element terms.
-
-    Element `i` of batch axis 0 has `m` entries; entry `(i, j)`'s perturbation changes
-    only `g_i`, so one evaluation with entry `j` perturbed in *every* element gives all
-    `n` differences `g_i(x⁺) - g_i(x⁻)` at once: `m` (times the number of alternative
-    values per entry) evaluations instead of `n · m`.
-    """
-    n = shape[0]
-    perturbed = mvd_alternatives(x, terms, shape, dtype)
-    if perturbed is None:
-        return None
-    stacked, layout = perturbed
-    sep, _ = _separated(k, stacked, n)
-    if sep is None:
-        return None
-    outs = []
-    for t, result in zip(sep.tags, sep.results):
-        if t.kind == _PLAIN:
-            outs.append(result[0])
-            continue
-        vec, const = result  # (A, n) + out shape, (A,) + out shape
-        out = jnp.sum(vec[0], axis=0) + (0 if const is None else const[0])
-        frozen = sg(vec)
-        correction = jnp.zeros_like(out)
-        for term, (element_index, (plus_rows, minus_rows)) in zip(terms, layout):
-            plus = frozen[plus_rows, element_index]  # (M,) + out shape
-            minus = frozen[minus_rows, element_index] if minus_rows is not None else (
-                frozen[0, element_index])
-            coeff = (term.param - sg(term.param)) * sg(term.weight)
-            coeff = coeff.reshape(coeff.shape + (1,) * out.ndim).astype(out.dtype)
-            correction = correction + jnp.sum(coeff * (plus - minus), axis=0)
-        outs.append(out + correction)
-    return _unflatten(sep, outs, sep.invalid)
 
 
 class LeaveOneOut(AbstractContinuationEstimator):

@@ -29,14 +29,20 @@ the code their estimators generate:
   - `px.reinforce` members: the rest of the program at the draw; element `i`'s score
     multiplies element `i`'s term only, minus its per-element baseline (`_reinforce`);
 - a site whose parameters do not depend on the group and that is not on the plate: drawn
-  by its (local) estimator as usual, its score terms accumulate as usual;
+  by its (local) estimator as usual, its score terms accumulate as usual; a `px.enum`
+  one (a scalar site, or one on another plate with few enough joint values) is summed
+  over inside the group, each value's rest of the program evaluated with tags in one
+  vmap and its later score terms folded into that value's per-element terms
+  (`_enumerate_plain`);
 - a reparameterised site whose parameters depend on the group per element: its draw is
   tagged by evaluating the sampler with tags.
 
-Anything else (a continuation estimator outside the group, a score-function site whose
-law mixes the group's elements, sites inside control flow, a value that mixes elements)
-stops the group evaluation, and the leader falls back to its own estimator (`Enum.run`,
-`MVD.run`, or `Reinforce.local`: the score of the whole objective).
+Anything else (another continuation estimator outside the group, a score-function site
+whose law mixes the group's elements, sites inside control flow, a value that mixes
+elements) stops the group evaluation, and the leader falls back to its own estimator
+(`Enum.run`: joint enumeration, refused beyond its size limit with the group's reason;
+`MVD.run`: one evaluation per perturbed entry; or `Reinforce.local`: the score of the
+whole objective). Nothing re-analyses the code that estimators generate.
 
 For `m` enum members with `K_j` values per element the rest of the program runs `Π_j K_j`
 times in one vmap and is traced once: trace time is linear in the number of sites. The

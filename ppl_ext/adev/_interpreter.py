@@ -37,7 +37,7 @@ from jax.extend import core
 from jax._src import source_info_util
 
 from ._errors import UnsupportedEstimatorError, UnsupportedPrimitiveError
-from ._estimators import MVD, Enum, Reinforce
+from ._estimators import MVD, Enum, Reinforce, _factorisable, _law
 from ._analysis import eqn_has_sites as _eqn_has_sites  # noqa: F401 - re-exported
 from ._analysis import first_continuation_site, has_sites  # noqa: F401 - has_sites re-exported
 from ._analysis import slots as _slots
@@ -388,13 +388,23 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
                 return Final(enumerate_group(distribution, resume, acc, dtype,
                                              params["label"]))
             return Final(mvd_group(distribution, resume, acc, key, dtype, params["label"]))
-        except NotSeparable:
-            pass  # the site's own estimator decides (joint evaluation or a refusal)
+        except NotSeparable as error:
+            # the site's own estimator decides: joint evaluation, or a refusal that says
+            # why the elements could not be taken one at a time
+            reason = str(error) if _factorisable(_law(distribution, params["label"])) else None
+    else:
+        reason = None
     fresh = zero_acc(scope.surrogate)
-    outs, invalid = estimator.run(
-        key, distribution, lambda x: resume([x], fresh), scope.surrogate, dtype,
-        params["label"],
-    )
+    try:
+        outs, invalid = estimator.run(
+            key, distribution, lambda x: resume([x], fresh), scope.surrogate, dtype,
+            params["label"],
+        )
+    except UnsupportedEstimatorError as error:
+        if reason is None:
+            raise
+        raise UnsupportedEstimatorError(
+            f"{error} It cannot be enumerated per element either: {reason}.") from None
     return Final((apply_acc(outs, acc), merge_invalid(acc.invalid, invalid)))
 
 

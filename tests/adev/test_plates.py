@@ -129,31 +129,18 @@ PROGRAMS = {
 def factorised_calls(monkeypatch):
     """Record, per site, whether it was evaluated per element.
 
-    A plate-batched enum/mvd site first tries the group evaluation on the user's program
-    (`_groups.py`); if that does not apply, its estimator tries `_separated` on the
-    continuation. A reinforce site only has the group evaluation. One entry per site: the
-    group's success, else `_separated`'s verdict (reinforce: the group's verdict).
+    A plate-batched enum, mvd or reinforce site tries the group evaluation on the user's
+    program (`_groups.py`); if that does not apply, its estimator evaluates the site
+    jointly (enum, mvd) or scores the whole value (reinforce). One entry per site: the
+    group's verdict.
     """
     from ppl_ext.adev import _estimators, _groups
 
+    assert not hasattr(_estimators, "_separated")  # no re-analysis of generated code
     calls = []
-    original = _estimators._separated
-
-    def spy(*args):
-        result, reason = original(*args)
-        calls.append(result is not None)
-        return result, reason
 
     def group_spy(original_group):
         def wrapped(*args):
-            result = original_group(*args)  # raises NotSeparable when it does not apply
-            calls.append(True)
-            return result
-
-        return wrapped
-
-    def reinforce_spy(original_group):
-        def wrapped(*args):  # reinforce has no other per-element path: record both verdicts
             try:
                 result = original_group(*args)
             except _groups.NotSeparable:
@@ -164,10 +151,9 @@ def factorised_calls(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(_estimators, "_separated", spy)
     monkeypatch.setattr(_groups, "enumerate_group", group_spy(_groups.enumerate_group))
     monkeypatch.setattr(_groups, "mvd_group", group_spy(_groups.mvd_group))
-    monkeypatch.setattr(_groups, "reinforce_group", reinforce_spy(_groups.reinforce_group))
+    monkeypatch.setattr(_groups, "reinforce_group", group_spy(_groups.reinforce_group))
     return calls
 
 
