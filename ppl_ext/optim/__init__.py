@@ -13,20 +13,42 @@ from ._backend import (
     OptaxBackend as OptaxBackend,
     OptaxState as OptaxState,
 )
+from ._cbo import (
+    CBO as CBO,
+    ConsensusBasedSampling as ConsensusBasedSampling,
+    ConsensusHopping as ConsensusHopping,
+    ConsensusState as ConsensusState,
+    PolarisedCBO as PolarisedCBO,
+)
 from ._fit import (
     EarlyStopping as EarlyStopping,
     FitHistory as FitHistory,
     FitResult as FitResult,
     fit as fit,
 )
+from ._zo import (
+    ZerothOrderRankSGD as ZerothOrderRankSGD,
+    ZerothOrderSGD as ZerothOrderSGD,
+    ZerothOrderState as ZerothOrderState,
+    rank_by_objective as rank_by_objective,
+)
 
 __all__ = [
     "AbstractBackend",
     "BackendInfo",
+    "CBO",
+    "ConsensusBasedSampling",
+    "ConsensusHopping",
+    "ConsensusState",
     "EarlyStopping",
     "FitHistory",
     "FitResult",
     "OptaxBackend",
     "OptaxState",
+    "PolarisedCBO",
+    "ZerothOrderRankSGD",
+    "ZerothOrderSGD",
+    "ZerothOrderState",
     "fit",
+    "rank_by_objective",
 ]

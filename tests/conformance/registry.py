@@ -379,6 +379,31 @@ BACKENDS: list[BackendCase] = [
     BackendCase("OptaxBackend(optax.chain(clip, adamw))", lambda: px.OptaxBackend(
         _optax().chain(_optax().clip_by_global_norm(5.0), _optax().adamw(
             _optax().cosine_decay_schedule(0.1, 400, alpha=0.01), weight_decay=0.0)))),
+    # value-only particle methods on a noisy objective: one key per step for the whole cloud
+    # (the comparison between particles is then exact) and 4 estimates averaged per particle
+    BackendCase("CBO(anisotropic)", lambda: px.optim.CBO(
+        num_particles=50, alpha=10.0, sigma=1.0, dt=0.1, init_scale=3.0, num_samples=4,
+        common_random_numbers=True)),
+    BackendCase("CBO(isotropic)", lambda: px.optim.CBO(
+        num_particles=50, alpha=10.0, sigma=0.5, dt=0.1, noise="isotropic", init_scale=3.0,
+        num_samples=4, common_random_numbers=True)),
+    BackendCase("ConsensusHopping", lambda: px.optim.ConsensusHopping(
+        num_particles=50, alpha=5.0, sigma=0.1, num_samples=4, common_random_numbers=True)),
+    BackendCase("PolarisedCBO", lambda: px.optim.PolarisedCBO(
+        num_particles=50, alpha=10.0, sigma=1.0, dt=0.1, kernel_width=2.0, init_scale=3.0,
+        num_samples=4, common_random_numbers=True)),
+    BackendCase("ConsensusBasedSampling(optimisation)", lambda: px.optim.ConsensusBasedSampling(
+        num_particles=50, alpha=10.0, dt=0.2, mode="optimisation", init_scale=3.0,
+        num_samples=4, common_random_numbers=True)),
+    BackendCase("ZerothOrderSGD", lambda: px.optim.ZerothOrderSGD(
+        _optax().cosine_decay_schedule(0.05, 400, alpha=0.01), smoothing=0.1,
+        num_directions=4)),
+    BackendCase("ZerothOrderSGD(optax.adam)", lambda: px.optim.ZerothOrderSGD(
+        _optax().adam(_optax().cosine_decay_schedule(0.1, 400, alpha=0.01)), smoothing=0.1,
+        num_directions=4)),
+    BackendCase("ZerothOrderRankSGD", lambda: px.optim.ZerothOrderRankSGD(
+        _optax().cosine_decay_schedule(0.3, 400, alpha=0.01), smoothing=0.1,
+        num_candidates=8)),
 ]
 
 

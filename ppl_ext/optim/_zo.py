@@ -1,0 +1,303 @@
+"""Zeroth-order back-ends: descent directions from objective values or from rankings alone.
+
+- `ZerothOrderSGD`: two-point Gaussian-smoothing gradient estimates fed to an optax
+  transformation (Nesterov and Spokoiny, 2017).
+- `ZerothOrderRankSGD`: ZO-RankSGD (Tang, Rybin and Chang, "Zeroth-Order Optimization Meets
+  Human Feedback: Provable Learning via Ranking Oracles", ICLR 2024), which needs only an
+  ordering of candidate points, from the objective or from any ranking oracle (a
+  simulated judge, or a person at a prompt behind `jax.pure_callback`).
+
+Both work on the flattened parameter vector (`jax.flatten_util.ravel_pytree`) and return
+parameters with the tree of the initial ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from ._backend import AbstractBackend, BackendInfo
+from ._cbo import _check_count, _check_positive
+
+
+class ZerothOrderState(NamedTuple):
+    """State of the zeroth-order back-ends: the parameters and the optax state.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> params = {"theta": jnp.array(0.0)}
+        >>> state = ZerothOrderState(params, optax.sgd(0.1).init(params))
+        >>> float(state.params["theta"])
+        0.0
+    """
+
+    params: Any
+    opt_state: optax.OptState
+
+
+def _as_transformation(owner: str, transformation) -> optax.GradientTransformation:
+    """An optax transformation, or plain SGD for a step size (a float or an optax schedule)."""
+    if isinstance(transformation, optax.GradientTransformation):
+        return transformation
+    if callable(transformation):
+        return optax.sgd(transformation)
+    _check_positive(owner, "transformation (a step size)", transformation)
+    return optax.sgd(transformation)
+
+
+def _check_transformation(owner: str, transformation) -> None:
+    if isinstance(transformation, optax.GradientTransformation) or callable(transformation):
+        return
+    if isinstance(transformation, (int, float)) and not isinstance(transformation, bool):
+        _check_positive(owner, "transformation (a step size)", transformation)
+        return
+    raise TypeError(
+        f"{owner}.transformation must be an optax.GradientTransformation, a step size or an "
+        f"optax schedule, got {type(transformation).__name__}.")
+
+
+def _apply(transformation, grads, state: ZerothOrderState) -> ZerothOrderState:
+    updates, opt_state = transformation.update(grads, state.opt_state, state.params)
+    return ZerothOrderState(optax.apply_updates(state.params, updates), opt_state)
+
+
+def _nan(value) -> jax.Array:
+    return jnp.full((), jnp.nan, jnp.result_type(value, jnp.float32))
+
+
+class ZerothOrderSGD(AbstractBackend):
+    """Two-point Gaussian-smoothing zeroth-order SGD, optionally through any optax transformation.
+
+    The gradient estimate at `x`, from `q = num_directions` directions `u_k ~ N(0, I)`, is
+
+        g = (1/q) Σ_k [F(x + μ u_k; ω_k) - F(x - μ u_k; ω_k)] / (2μ) · u_k,
+
+    where `F(·; ω)` is the objective's estimate with key `ω` (each direction's two points
+    share their key, common random numbers). It is an unbiased estimate of the gradient of
+    the Gaussian smoothing `f_μ(x) = E_u f(x + μu)` (Stein's identity
+    `∇f_μ(x) = E[f(x + μu) u] / μ`, symmetrised); `f_μ` is close to `f` for small `μ`
+    (`|∇f_μ - ∇f| ≤ μ L (d + 3)^{3/2} / 2` for an `L`-smooth `f`). The estimate feeds an
+    optax transformation (`transformation`), or plain SGD when a step size is given.
+    `optax.perturbations.make_perturbed_fun` with `Normal` noise estimates the same
+    `∇f_μ` one-sided, with `f(x)` as a baseline, for deterministic functions of arrays;
+    this estimator takes the objective's keys and parameter trees.
+
+    Each step uses `2q + 1` objective evaluations: `2q` for `g` and one, with its own key,
+    for `info.value` (the estimate at the current parameters). `info.grad_norm` is the
+    global norm of `g`.
+
+    Args:
+        transformation: an `optax.GradientTransformation` (e.g. `optax.adam(1e-2)`), or a
+            step size (a float or an optax schedule) for plain SGD. Default `1e-2`.
+        smoothing: μ, the smoothing radius (> 0).
+        num_directions: `q`, the directions averaged per step.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import ppl_ext as px
+        >>> from ppl_ext.optim import ZerothOrderSGD
+        >>> @px.expectation
+        ... def loss(x):
+        ...     return jnp.sum((x - 1.0) ** 2)
+        >>> backend = ZerothOrderSGD(0.05, smoothing=0.01, num_directions=4)
+        >>> result = px.fit(loss, jnp.zeros(5), backend, 300, jax.random.key(0),
+        ...                 maximize=False, progress=False)
+        >>> bool(jnp.max(jnp.abs(result.params - 1.0)) < 0.05)
+        True
+    """
+
+    transformation: Any = 1e-2
+    smoothing: float = 1e-2
+    num_directions: int = 10
+
+    def __check_init__(self):
+        _check_transformation("ZerothOrderSGD", self.transformation)
+        _check_positive("ZerothOrderSGD", "smoothing", self.smoothing)
+        _check_count("ZerothOrderSGD", "num_directions", self.num_directions)
+
+    def estimate_gradient(self, key, params, objective, *args, **kwargs) -> Any:
+        """The two-point estimate `g` of `∇f_μ(params)` (a tree like `params`)."""
+        flat, unravel = ravel_pytree(params)
+        mu = jnp.asarray(self.smoothing, flat.dtype)
+
+        def one(k):
+            key_direction, key_value = jax.random.split(k)
+            u = jax.random.normal(key_direction, flat.shape, flat.dtype)
+            plus = objective(key_value, unravel(flat + mu * u), *args, **kwargs)
+            minus = objective(key_value, unravel(flat - mu * u), *args, **kwargs)
+            return ((plus - minus) / (2.0 * mu)).astype(flat.dtype) * u
+
+        keys = jax.random.split(key, self.num_directions)
+        return unravel(jnp.mean(jax.vmap(one)(keys), axis=0))
+
+    def init(self, key, params, objective, *args, **kwargs) -> ZerothOrderState:
+        """`ZerothOrderState(params, transformation.init(params))`; `key` is unused."""
+        transformation = _as_transformation("ZerothOrderSGD", self.transformation)
+        return ZerothOrderState(params, transformation.init(params))
+
+    def step(self, key, state: ZerothOrderState, objective, *args, **kwargs):
+        """One update with the two-point estimate of the smoothed objective's gradient."""
+        key_value, key_gradient = jax.random.split(key)
+        value = jnp.asarray(objective(key_value, state.params, *args, **kwargs))
+        grads = self.estimate_gradient(key_gradient, state.params, objective, *args, **kwargs)
+        transformation = _as_transformation("ZerothOrderSGD", self.transformation)
+        return _apply(transformation, grads, state), BackendInfo(value, optax.tree.norm(grads))
+
+    def params(self, state: ZerothOrderState) -> Any:
+        """`state.params`."""
+        return state.params
+
+
+def rank_by_objective(objective, *args, **kwargs) -> Callable:
+    """The ranking oracle that orders candidates by the objective's estimates, lowest first.
+
+    Returns `oracle(key, candidates) -> ordering`: `candidates` is a parameter tree with a
+    leading axis of length `m`; `ordering` holds the `m` candidate indices from best
+    (smallest estimate) to worst. All candidates are estimated with the same key (common
+    random numbers), so for noise that does not depend on the parameters the ordering is
+    that of the exact values. This is `ZerothOrderRankSGD`'s default oracle.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> oracle = rank_by_objective(lambda key, x: jnp.sum(x**2))
+        >>> oracle(jax.random.key(0), jnp.array([[2.0], [0.5], [-1.0]])).tolist()
+        [1, 2, 0]
+    """
+
+    def oracle(key, candidates):
+        values = jax.vmap(lambda c: objective(key, c, *args, **kwargs))(candidates)
+        return jnp.argsort(values)
+
+    return oracle
+
+
+class ZerothOrderRankSGD(AbstractBackend):
+    """ZO-RankSGD: descend along a direction built from a ranking of perturbed candidates.
+
+    Tang, Rybin and Chang (ICLR 2024). At `x`, draw `ξ_1..ξ_m ~ N(0, I)`
+    (`m = num_candidates`) and ask a ranking oracle to order the candidates `x + μ ξ_i`
+    from best to worst; with the top `k = num_ranked` of that ordering, each pair
+    `(a, b)` with `a` ranked above `b` (both in the top `k`, or `a` in the top `k` and `b`
+    not) is an edge of the comparison graph `E`, and
+
+        g = (1 / |E|) Σ_{(a, b) ∈ E} (ξ_b - ξ_a),      x ← x - η g
+
+    (through `transformation`). `g` needs no values: in expectation it points along the
+    gradient of the smoothed objective (the paper's rank-based estimator), with an
+    unknown positive scale, so the step size sets the step length (use a decaying
+    schedule for convergence).
+
+    The oracle is a callable `ranking_oracle(key, candidates) -> ordering`: `candidates` is
+    the parameter tree with a leading axis of length `m`, `ordering` an int array of the
+    `m` indices from best to worst (only its first `k` entries are used). It runs inside
+    `jit`: a person at a prompt or another process is reached through
+    `jax.pure_callback`. The default, `None`, is `rank_by_objective(objective, *args)`.
+
+    Args:
+        transformation: an `optax.GradientTransformation`, or a step size (a float or an
+            optax schedule) for plain SGD. Default `1e-2`.
+        smoothing: μ, the perturbation radius (> 0).
+        num_candidates: `m`, the candidates ranked per step (at least 2).
+        num_ranked: `k`, how many of the best candidates the oracle orders (`None`: all).
+        ranking_oracle: `None` (rank by the objective) or a callable as above.
+        report_value: evaluate the objective at the current parameters for `info.value`
+            (one query per step, its own key); `False` reports NaN and never calls the
+            objective outside the default oracle (for a ranking-only problem whose
+            objective is a placeholder).
+
+    `info.grad_norm` is NaN (`g` has no gradient scale).
+
+    Example (a simulated judge that only compares distances to a hidden target):
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from ppl_ext.optim import ZerothOrderRankSGD
+        >>> target = jnp.arange(4.0)
+        >>> def judge(key, candidates):
+        ...     return jnp.argsort(jnp.sum((candidates - target) ** 2, axis=1))
+        >>> backend = ZerothOrderRankSGD(optax.cosine_decay_schedule(0.2, 400, 0.01),
+        ...                              num_candidates=8, ranking_oracle=judge,
+        ...                              report_value=False)
+        >>> state = backend.init(jax.random.key(0), jnp.zeros(4), None)
+        >>> step = jax.jit(lambda k, s: backend.step(k, s, None)[0])
+        >>> for i in range(400):
+        ...     state = step(jax.random.key(i), state)
+        >>> bool(jnp.max(jnp.abs(backend.params(state) - target)) < 0.1)
+        True
+    """
+
+    transformation: Any = 1e-2
+    smoothing: float = 1e-2
+    num_candidates: int = 10
+    num_ranked: int | None = None
+    ranking_oracle: Callable | None = None
+    report_value: bool = True
+
+    def __check_init__(self):
+        owner = "ZerothOrderRankSGD"
+        _check_transformation(owner, self.transformation)
+        _check_positive(owner, "smoothing", self.smoothing)
+        _check_count(owner, "num_candidates", self.num_candidates, minimum=2)
+        if self.num_ranked is not None:
+            _check_count(owner, "num_ranked", self.num_ranked)
+            if self.num_ranked > self.num_candidates:
+                raise ValueError(
+                    f"{owner}.num_ranked ({self.num_ranked}) must be at most num_candidates "
+                    f"({self.num_candidates}).")
+        if self.ranking_oracle is not None and not callable(self.ranking_oracle):
+            raise TypeError(f"{owner}.ranking_oracle must be None or a callable "
+                            f"(key, candidates) -> ordering, got {self.ranking_oracle!r}.")
+
+    def _rank_weights(self, dtype) -> jax.Array:
+        """Coefficient of the candidate at each rank position in `Σ_E (ξ_b - ξ_a) / |E|`."""
+        m = self.num_candidates
+        k = m if self.num_ranked is None else self.num_ranked
+        position = jnp.arange(m)
+        # in the top k: worse than `position` candidates, better than the m - 1 - position
+        # after it; below the top k: worse than the k ranked ones, unordered among itself
+        top = 2 * position - (m - 1)
+        rest = jnp.full((m,), k)
+        edges = k * (k - 1) / 2 + k * (m - k)
+        return (jnp.where(position < k, top, rest) / edges).astype(dtype)
+
+    def estimate_direction(self, key, params, objective, *args, **kwargs) -> Any:
+        """The rank-based direction `g` at `params` (a tree like `params`)."""
+        flat, unravel = ravel_pytree(params)
+        key_direction, key_oracle = jax.random.split(key)
+        xi = jax.random.normal(key_direction, (self.num_candidates, flat.shape[0]), flat.dtype)
+        candidates = jax.vmap(unravel)(flat + jnp.asarray(self.smoothing, flat.dtype) * xi)
+        oracle = self.ranking_oracle
+        if oracle is None:
+            oracle = rank_by_objective(objective, *args, **kwargs)
+        ordering = jnp.asarray(oracle(key_oracle, candidates))
+        if ordering.shape != (self.num_candidates,) or not jnp.issubdtype(
+                ordering.dtype, jnp.integer):
+            raise ValueError(
+                f"the ranking oracle must return {self.num_candidates} integer indices (best "
+                f"first), got an array of shape {ordering.shape} and dtype {ordering.dtype}.")
+        direction = self._rank_weights(flat.dtype) @ xi[ordering]
+        return unravel(direction)
+
+    def init(self, key, params, objective, *args, **kwargs) -> ZerothOrderState:
+        """`ZerothOrderState(params, transformation.init(params))`; `key` is unused."""
+        transformation = _as_transformation("ZerothOrderRankSGD", self.transformation)
+        return ZerothOrderState(params, transformation.init(params))
+
+    def step(self, key, state: ZerothOrderState, objective, *args, **kwargs):
+        """Rank `num_candidates` perturbations, step along the rank-based direction."""
+        key_value, key_direction = jax.random.split(key)
+        if self.report_value:
+            value = jnp.asarray(objective(key_value, state.params, *args, **kwargs))
+        else:
+            value = jnp.full((), jnp.nan, ravel_pytree(state.params)[0].dtype)
+        direction = self.estimate_direction(key_direction, state.params, objective, *args,
+                                            **kwargs)
+        transformation = _as_transformation("ZerothOrderRankSGD", self.transformation)
+        return _apply(transformation, direction, state), BackendInfo(value, _nan(value))
+
+    def params(self, state: ZerothOrderState) -> Any:
+        """`state.params`."""
+        return state.params
