@@ -404,7 +404,8 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
         if reason is None:
             raise
         raise UnsupportedEstimatorError(
-            f"{error} It cannot be enumerated per element either: {reason}.") from None
+            f"{error} It cannot be enumerated per element either: {reason.rstrip('.')}."
+        ) from None
     return Final((apply_acc(outs, acc), merge_invalid(acc.invalid, invalid)))
 
 

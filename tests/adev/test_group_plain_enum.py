@@ -167,3 +167,36 @@ def test_scores_after_the_scalar_site_stay_in_their_branch(no_reanalysis):
     assert no_reanalysis and all(no_reanalysis)
     assert_unbiased(many(lambda k: f.grad(k, theta), num=20_000), jax.grad(exact)(theta),
                     what="gradient")
+
+
+def test_site_on_another_plate(no_reanalysis):
+    """A 4-element site on another plate inside a 20-element group: its 16 joint values
+    are summed over inside the group (exact); a 30-element one is refused, naming it."""
+    n, m = 20, 4
+    w = jnp.linspace(-1.0, 2.0, n)
+
+    def program(theta):
+        a = px.sample(dist.Bernoulli(logits=theta[:n]), px.enum)
+        b = px.sample(dist.Bernoulli(logits=theta[n:]), px.enum)
+        return jnp.sum(a * w) * jnp.sum(b) + jnp.sum((b - 0.5) ** 2)
+
+    def exact(theta):  # E[Σ a w] E[Σ b] + Σ E[(b - 1/2)^2] (a and b independent)
+        return (jnp.sum(jax.nn.sigmoid(theta[:n]) * w) * jnp.sum(jax.nn.sigmoid(theta[n:]))
+                + 0.25 * m)
+
+    f = px.expectation(program)
+    theta = jnp.linspace(-1.0, 1.0, n + m)
+    np.testing.assert_allclose(f(jax.random.key(3), theta), exact(theta), rtol=1e-5)
+    np.testing.assert_allclose(f.grad(jax.random.key(3), theta), jax.grad(exact)(theta),
+                               rtol=1e-4, atol=1e-6)
+    assert no_reanalysis == [True, True]  # one group per trace (value, gradient)
+
+    @px.expectation
+    def too_big(theta):
+        a = px.sample(dist.Bernoulli(logits=theta[:n]), px.enum)
+        b = px.sample(dist.Bernoulli(logits=jnp.zeros(30)), px.enum)
+        return jnp.sum(a * w) + jnp.sum(b)
+
+    with pytest.raises(px.UnsupportedEstimatorError, match=r"(?s)2\^20 joint.*test_group_"
+                       r"plain_enum.py:\d+ \(too_big\)\) cannot be enumerated inside the group"):
+        too_big(jax.random.key(0), theta[:n])
