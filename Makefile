@@ -47,6 +47,8 @@ benchmarks: setup pyro-venv
 	$(VENV_PYTHON) benchmarks/bench_plates.py
 	$(VENV_PYTHON) benchmarks/bench_fit.py
 	$(VENV_PYTHON) benchmarks/bench_numpyro_workflows.py
+	$(VENV_PYTHON) benchmarks/bench_tracegraph.py
+	$(VENV_PYTHON) benchmarks/bench_cbo.py
 
 # Pyro (a comparison peer only) in its own environment: the CPU wheel of torch 2.13.0 here
 # is for Python 3.11, and pip on 3.12 would fetch CUDA packages.
