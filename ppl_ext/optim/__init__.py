@@ -27,9 +27,12 @@ from ._fit import (
     fit as fit,
 )
 from ._zo import (
+    QuantizedZerothOrderSGD as QuantizedZerothOrderSGD,
     ZerothOrderRankSGD as ZerothOrderRankSGD,
     ZerothOrderSGD as ZerothOrderSGD,
     ZerothOrderState as ZerothOrderState,
+    dequantize as dequantize,
+    quantize as quantize,
     rank_by_objective as rank_by_objective,
 )
 
@@ -45,10 +48,13 @@ __all__ = [
     "FitResult",
     "OptaxBackend",
     "OptaxState",
+    "QuantizedZerothOrderSGD",
     "PolarisedCBO",
     "ZerothOrderRankSGD",
     "ZerothOrderSGD",
     "ZerothOrderState",
     "fit",
+    "dequantize",
+    "quantize",
     "rank_by_objective",
 ]

@@ -404,6 +404,9 @@ BACKENDS: list[BackendCase] = [
     BackendCase("ZerothOrderRankSGD", lambda: px.optim.ZerothOrderRankSGD(
         _optax().cosine_decay_schedule(0.3, 400, alpha=0.01), smoothing=0.1,
         num_candidates=8)),
+    BackendCase("QuantizedZerothOrderSGD", lambda: px.optim.QuantizedZerothOrderSGD(
+        _optax().adam(_optax().cosine_decay_schedule(0.1, 400, alpha=0.01)), smoothing=0.1,
+        num_directions=4, clip=50.0)),
 ]
 
 

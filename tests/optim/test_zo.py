@@ -215,3 +215,87 @@ def test_bad_settings_are_refused():
                                  ranking_oracle=lambda key, c: jnp.zeros(3, jnp.int32))
     with pytest.raises(ValueError, match="must return 4 integer indices"):
         backend.estimate_direction(jax.random.key(0), jnp.zeros(2), None)
+
+
+# ------------------------------------------------------------------------------ QZO
+
+
+def test_quantize_round_trip_and_errors():
+    from ppl_ext.optim import dequantize, quantize
+
+    w = {"a": jax.random.normal(jax.random.key(0), (4, 16)), "b": jnp.zeros((2, 3))}
+    codes, scales = quantize(w, num_bits=4)
+    assert codes["a"].dtype == jnp.int8 and int(jnp.max(jnp.abs(codes["a"]))) <= 7
+    assert scales["a"].shape == (4, 1)
+    back = dequantize(codes, scales)
+    assert bool(jnp.all(jnp.abs(back["a"] - w["a"]) <= scales["a"] / 2 + 1e-6))
+    np.testing.assert_array_equal(back["b"], 0.0)  # an all-zero group stays exact
+    with pytest.raises(ValueError, match="num_bits"):
+        quantize(w, num_bits=1)
+    with pytest.raises(TypeError, match="floating"):
+        quantize(jnp.arange(3), num_bits=4)
+
+
+def test_qzo_clips_every_directional_derivative():
+    """On F(s) = a Σ s one direction gives d = a Σz: unclipped g = a (Σz) z, so
+    Σ g = a (Σz)^2 and |z| = |g| / (a |Σz|); clipped, g' = clip(d, -C, C) z, parallel to g
+    with |g'| = min(C, |d|) |z| = C |z| here (|d| is far above C)."""
+    from ppl_ext.optim import QuantizedZerothOrderSGD
+
+    a, clip = 1e4, 2.0
+
+    @px.expectation
+    def steep(s):
+        return a * jnp.sum(s)
+
+    scales, key = jnp.ones(6), jax.random.key(4)
+    free = np.asarray(QuantizedZerothOrderSGD(1e-3, smoothing=1e-2, clip=None)
+                      .estimate_gradient(key, scales, steep), np.float64)
+    clipped = np.asarray(QuantizedZerothOrderSGD(1e-3, smoothing=1e-2, clip=clip)
+                         .estimate_gradient(key, scales, steep), np.float64)
+    d = a * np.sqrt(free.sum() / a)  # |d| = a |Σz|
+    z_norm = np.linalg.norm(free) / d
+    assert d > 10 * clip
+    np.testing.assert_allclose(np.linalg.norm(clipped), clip * z_norm, rtol=1e-3)
+    cosine = abs(free @ clipped) / (np.linalg.norm(free) * np.linalg.norm(clipped))
+    np.testing.assert_allclose(cosine, 1.0, rtol=1e-5)
+
+
+def test_qzo_fits_scales_and_keeps_them_non_negative():
+    """4-bit weights whose scales start 30% too small: QZO through px.fit brings the
+    least-squares loss below 5% of its start; scales pulled below zero stop at 0 (each
+    step's noisy update may leave a coordinate slightly above it)."""
+    from ppl_ext.optim import QuantizedZerothOrderSGD, dequantize, quantize
+
+    w_true = jax.random.normal(jax.random.key(0), (3, 8))
+    codes, scales = quantize(w_true, num_bits=4)
+    x = jax.random.normal(jax.random.key(1), (64, 8))
+
+    @px.expectation
+    def loss(s):
+        return jnp.mean((x @ dequantize(codes, s).T - x @ w_true.T) ** 2)
+
+    start = 0.7 * scales
+    result = px.fit(loss, start, QuantizedZerothOrderSGD(0.002, smoothing=1e-3, clip=5.0),
+                    600, jax.random.key(2), maximize=False, progress=False)
+    key = jax.random.key(3)
+    assert float(loss(key, result.params)) < 0.05 * float(loss(key, start))
+
+    @px.expectation
+    def pull_negative(s):
+        return jnp.sum((s + 1.0) ** 2)  # minimised at s = -1, outside the scales' range
+
+    result = px.fit(pull_negative, jnp.ones(3), QuantizedZerothOrderSGD(
+        0.05, smoothing=1e-3, clip=None), 200, jax.random.key(5), maximize=False,
+        progress=False)
+    params = np.asarray(result.params)
+    assert np.all(params >= 0.0) and np.all(params < 0.1), params  # at the bound, not below
+
+
+def test_qzo_bad_settings():
+    from ppl_ext.optim import QuantizedZerothOrderSGD
+
+    with pytest.raises(ValueError, match="clip"):
+        QuantizedZerothOrderSGD(clip=0.0)
+    with pytest.raises(ValueError, match="num_directions"):
+        QuantizedZerothOrderSGD(num_directions=0)
