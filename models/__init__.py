@@ -8,10 +8,12 @@ and a small training helper:
 - `models.sbn`: a sigmoid belief net (Bernoulli latents) for score-function estimators.
 - `models.mixture`: a Gaussian mixture with discrete assignments (enumeration).
 - `models.regression`: hierarchical linear regression on generated data.
+- `models.ssm`: state-space models for `px.smc` (linear-Gaussian, stochastic volatility,
+  Poisson counts) with parameters and a data simulator.
 
 They are imported as `from models import vae` from the repository root.
 """
 
-from . import digits, mixture, regression, sbn, vae
+from . import digits, mixture, regression, sbn, ssm, vae
 
-__all__ = ["digits", "mixture", "regression", "sbn", "vae"]
+__all__ = ["digits", "mixture", "regression", "sbn", "ssm", "vae"]

@@ -47,10 +47,24 @@ from .optim import (
 
 __version__ = "0.1.0"
 
+#: subpackages imported on first use (PEP 562), so `import ppl_ext` does not pay for them
+_LAZY_SUBPACKAGES = ("smc",)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'ppl_ext' has no attribute {name!r}")
+
 __all__ = [
     "gen",
     "numpyro",
     "optim",
+    "smc",
     "vi",
     "AbstractBackend",
     "AbstractKernel",

@@ -420,3 +420,98 @@ def sharded(fn, *arrays):
     mesh = jax.sharding.Mesh(np.array(devices[:2]), ("batch",))
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     return jax.jit(fn)(*(jax.device_put(a, spec) for a in arrays))
+
+
+# ------------------------------------------------------------------------------- kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCase:
+    """A kernel on the protocol of `ppl_ext/_kernel.py` and how to call it.
+
+    `init(kernel, key)` builds a state; `step_args(seed)` gives the arguments after
+    `(key, state)` of `kernel.step`, with the same shapes and dtypes for every seed (the
+    no-retrace check calls the jitted step with two seeds). Arrays are built inside the
+    callables, so that under x64 they are float64.
+    """
+
+    name: str
+    build: Callable[[], Any]
+    init: Callable[[Any, Any], Any]
+    step_args: Callable[[int], tuple]
+
+
+def _smc():
+    return px.smc  # imported on first use (lazy subpackage)
+
+
+def _ssm_1d():
+    """x_0 ~ N(0, 1), x_t ~ N(a x_{t-1}, 1), y_t ~ N(x_t, 1/2), with the optimal proposal."""
+    def proposal(params, x, t, y, inputs):
+        var = 1.0 / (1.0 + 4.0)
+        return dist.Normal(var * (params["a"] * x + 4.0 * y), jnp.sqrt(var))
+
+    return _smc().StateSpaceModel(
+        initial=lambda params, inputs: dist.Normal(0.0, 1.0),
+        transition=lambda params, x, t, inputs: dist.Normal(params["a"] * x, 1.0),
+        observation=lambda params, x, t, inputs: dist.Normal(x, 0.5),
+        proposal=proposal)
+
+
+def _ssm_2d():
+    """A 2-D random walk observed through its sum (MultivariateNormal laws)."""
+    return _smc().StateSpaceModel(
+        initial=lambda params, inputs: dist.MultivariateNormal(jnp.zeros(2), jnp.eye(2)),
+        transition=lambda params, x, t, inputs: dist.MultivariateNormal(
+            params["a"] * x, params["q"] * jnp.eye(2)),
+        observation=lambda params, x, t, inputs: dist.Normal(x.sum(), 0.5))
+
+
+def _filter_init(kernel, key):
+    params = {"a": jnp.asarray(0.9, float), "q": jnp.asarray(0.5, float)}
+    return kernel.init(key, params, jnp.asarray(0.3, float))
+
+
+def _filter_step_args(seed):
+    a = 0.9 - 0.01 * seed
+    return ({"a": jnp.asarray(a, float), "q": jnp.asarray(0.5 + 0.1 * seed, float)},
+            jnp.asarray(1.0 - 0.5 * seed, float))
+
+
+def _look_ahead(params, x, t, y, inputs):
+    return dist.Normal(params["a"] * x, 1.2).log_prob(y)
+
+
+def _paris_additive(x_prev, x, t, inputs):
+    """`(x_t, x_{t-1} x_t)`, a pytree-valued additive functional."""
+    return {"sum": x, "cross": x_prev * x}
+
+
+def _log_transition_bound(params, t, inputs):
+    """`max f(x_t | x_{t-1}) = 1 / sqrt(2π)` for the 1-D model's N(a x, 1) transition."""
+    return jnp.asarray(-0.5 * math.log(2 * math.pi), float)
+
+
+KERNELS: list[KernelCase] = [
+    KernelCase("smc.BootstrapFilter", lambda: _smc().BootstrapFilter(_ssm_1d(), 16),
+               _filter_init, _filter_step_args),
+    KernelCase("smc.BootstrapFilter(multinomial, ess_threshold=0.5)",
+               lambda: _smc().BootstrapFilter(_ssm_1d(), 16, "multinomial", 0.5),
+               _filter_init, _filter_step_args),
+    KernelCase("smc.BootstrapFilter(residual, 2-D)",
+               lambda: _smc().BootstrapFilter(_ssm_2d(), 16, "residual"),
+               _filter_init, _filter_step_args),
+    KernelCase("smc.GuidedFilter(stratified)",
+               lambda: _smc().GuidedFilter(_ssm_1d(), 16, "stratified"),
+               _filter_init, _filter_step_args),
+    KernelCase("smc.AuxiliaryFilter", lambda: _smc().AuxiliaryFilter(
+        _ssm_1d(), 16, ess_threshold=0.7, log_auxiliary=_look_ahead),
+        _filter_init, _filter_step_args),
+    KernelCase("smc.Paris(BootstrapFilter)", lambda: _smc().Paris(
+        _smc().BootstrapFilter(_ssm_1d(), 16), _paris_additive), _filter_init,
+        _filter_step_args),
+    KernelCase("smc.Paris(GuidedFilter, accept-reject)", lambda: _smc().Paris(
+        _smc().GuidedFilter(_ssm_1d(), 16, ess_threshold=0.5), _paris_additive,
+        num_backward_samples=3, log_transition_bound=_log_transition_bound,
+        num_proposals=2), _filter_init, _filter_step_args),
+]

@@ -1,0 +1,58 @@
+"""Sequential Monte Carlo for state-space models: particle filters and smoothers.
+
+Describe a model by its laws (`StateSpaceModel`), filter a series with `filter` (or a
+kernel: `BootstrapFilter`, `GuidedFilter`, `AuxiliaryFilter`, run by `run_filter`, all on
+the kernel protocol), and smooth with `genealogy`, `ffbs` or, online for additive
+functionals with memory O(N), `paris` (the `Paris` kernel). The exponential of the
+filter's `log_likelihood` is an unbiased estimate of the marginal likelihood; the particle
+axis can be sharded over devices.
+"""
+
+from ._filter import (
+    AbstractParticleFilter as AbstractParticleFilter,
+    AuxiliaryFilter as AuxiliaryFilter,
+    BootstrapFilter as BootstrapFilter,
+    FilterResult as FilterResult,
+    GuidedFilter as GuidedFilter,
+    ParticleFilterInfo as ParticleFilterInfo,
+    ParticleFilterState as ParticleFilterState,
+    filter as filter,
+    run_filter as run_filter,
+)
+from ._paris import (
+    Paris as Paris,
+    ParisInfo as ParisInfo,
+    ParisResult as ParisResult,
+    ParisState as ParisState,
+    paris as paris,
+    run_paris as run_paris,
+)
+from ._resampling import (
+    effective_sample_size as effective_sample_size,
+    resample as resample,
+)
+from ._smoothers import ffbs as ffbs, genealogy as genealogy
+from ._ssm import StateSpaceModel as StateSpaceModel
+
+__all__ = [
+    "AbstractParticleFilter",
+    "AuxiliaryFilter",
+    "BootstrapFilter",
+    "FilterResult",
+    "GuidedFilter",
+    "ParticleFilterInfo",
+    "ParticleFilterState",
+    "Paris",
+    "ParisInfo",
+    "ParisResult",
+    "ParisState",
+    "StateSpaceModel",
+    "effective_sample_size",
+    "ffbs",
+    "filter",
+    "genealogy",
+    "paris",
+    "resample",
+    "run_filter",
+    "run_paris",
+]
