@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: setup demo test docs benchmarks pyro-venv
+.PHONY: setup demo test docs benchmarks pyro-venv particles-venv
 
 setup: $(STAMP)
 
@@ -39,7 +39,7 @@ test: setup
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
-benchmarks: setup pyro-venv
+benchmarks: setup pyro-venv particles-venv
 	$(VENV_PYTHON) -m pip install --quiet -e ".[benchmarks]"
 	$(VENV_PYTHON) benchmarks/bench_adev.py
 	$(VENV_PYTHON) benchmarks/bench_vae.py
@@ -49,6 +49,7 @@ benchmarks: setup pyro-venv
 	$(VENV_PYTHON) benchmarks/bench_numpyro_workflows.py
 	$(VENV_PYTHON) benchmarks/bench_tracegraph.py
 	$(VENV_PYTHON) benchmarks/bench_cbo.py
+	$(VENV_PYTHON) benchmarks/bench_smc.py
 
 # Pyro (a comparison peer only) in its own environment: the CPU wheel of torch 2.13.0 here
 # is for Python 3.11, and pip on 3.12 would fetch CUDA packages.
@@ -59,3 +60,10 @@ pyro-venv: .venv-pyro/.installed
 	$(PYRO_PYTHON) -m venv .venv-pyro
 	.venv-pyro/bin/python -m pip install --quiet torch==2.13.0 pyro-ppl==1.9.2
 	touch .venv-pyro/.installed
+
+particles-venv: .venv-particles/.installed
+
+.venv-particles/.installed:
+	python3.12 -m venv .venv-particles
+	.venv-particles/bin/python -m pip install --quiet "numpy<2" particles==0.4
+	touch .venv-particles/.installed

@@ -1,0 +1,241 @@
+"""Particle filters and smoothers: `px.smc` against `particles` on the linear-Gaussian model.
+
+Usage:
+    make particles-venv                       # .venv-particles: particles 0.4, numpy<2
+    .venv/bin/python benchmarks/bench_smc.py [--quick] [--threads 1|default] [--no-results]
+
+The model is `particles`' `LinearGauss` with its defaults (rho 0.9, sigma_x 1, sigma_y 0.2,
+x_0 ~ N(0, sigma_x^2 / (1 - rho^2))), `models.ssm.linear_gaussian_1d` here; one series of
+T observations simulated once and given to both. Tasks, at equal N:
+
+- `filter`: bootstrap filter, systematic resampling at every step (particles:
+  `ESSrmin=1`), the log-likelihood estimate; N in {100, 1000, 10000}, T in {100, 1000};
+- `ffbs`: O(N^2) forward-filtering backward-sampling of N trajectories after a stored
+  filter (particles: `hist.backward_sampling_ON2(N)`), the smoothing time only;
+- `paris`: PaRIS (Ñ = 2, accept-reject with exact fallback: particles' `Paris`
+  collector, ppl_ext with `log_transition_bound`) for the additive functional Σ x_t.
+
+`particles` needs numpy<2, so it runs in a worker subprocess under `.venv-particles`;
+the main process sends it one task at a time, interleaved with the ppl_ext runs of the
+same task. Reported: median seconds per run over the repeats, the speed-up, ppl_ext's
+compile time apart, and the estimates of both (their means over the repeats, with the
+exact Kalman values: log p(y) and E[Σ x_t | y]). Threads: XLA and NumPy pinned to one
+(`--threads 1`, default, set before jax and numpy are imported, also in the worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _pinned(argv) -> bool:
+    for i, arg in enumerate(argv):
+        if arg == "--threads=default" or (arg == "--threads" and argv[i + 1:i + 2] == ["default"]):
+            return False
+    return True
+
+
+if _pinned(sys.argv):  # before jax and numpy are imported
+    for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_name] = "1"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
+                               "=false intra_op_parallelism_threads=1").strip()
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORKER_PYTHON = ROOT / ".venv-particles" / "bin" / "python"
+
+
+# ------------------------------------------------------------------ the particles worker
+
+
+def worker() -> int:
+    """Read JSON tasks from stdin, answer one JSON line each (time and estimate)."""
+    import numpy as np
+    import particles
+    from particles import collectors
+    from particles import state_space_models as ssms
+    from particles.kalman import LinearGauss
+
+    class Bounded(LinearGauss):
+        def upper_bound_log_pt(self, t):  # f(x_t | x_{t-1}) <= 1 / (sqrt(2 pi) sigma_x)
+            return -0.5 * np.log(2 * np.pi) - np.log(self.sigmaX)
+
+        def add_func(self, t, xp, x):  # the additive functional Σ_t x_t (t = 0 too)
+            return x
+
+    for line in sys.stdin:
+        task = json.loads(line)
+        ys = np.asarray(task["ys"])
+        np.random.seed(task["seed"])
+        model = Bounded()
+        fk = ssms.Bootstrap(ssm=model, data=list(ys))
+        n = task["num_particles"]
+        if task["name"] == "filter":
+            start = time.perf_counter()
+            pf = particles.SMC(fk=fk, N=n, resampling="systematic", ESSrmin=1.0)
+            pf.run()
+            seconds, estimate = time.perf_counter() - start, float(pf.logLt)
+        elif task["name"] == "ffbs":
+            pf = particles.SMC(fk=fk, N=n, resampling="systematic", ESSrmin=1.0,
+                               store_history=True)
+            pf.run()
+            start = time.perf_counter()
+            paths = pf.hist.backward_sampling_ON2(n)
+            seconds = time.perf_counter() - start
+            estimate = float(np.mean(np.sum(np.asarray(paths), axis=0)))
+        else:  # paris
+            pf = particles.SMC(fk=fk, N=n, resampling="systematic", ESSrmin=1.0,
+                               collect=[collectors.Paris(Nparis=2)])
+            start = time.perf_counter()
+            pf.run()
+            seconds = time.perf_counter() - start
+            estimate = float(pf.summaries.paris[-1])
+        print(json.dumps({"seconds": seconds, "estimate": estimate}), flush=True)
+    return 0
+
+
+class Worker:
+    def __init__(self, python: Path):
+        env = dict(os.environ)
+        env.pop("XLA_FLAGS", None)
+        self.proc = subprocess.Popen([str(python), __file__, "--worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+
+    def run(self, task: dict) -> dict:
+        self.proc.stdin.write(json.dumps(task) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the particles worker exited (code {self.proc.poll()})")
+        return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+# ------------------------------------------------------------------------ the main side
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small N and T, one repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", choices=("1", "default"), default="1")
+    p.add_argument("--no-results", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker()
+    for path in (HERE, ROOT):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import ppl_ext.smc as smc
+    from _common import (command_line, load_average, log, machine, markdown_table, report,
+                         results_heading, versions)
+    from models import ssm
+
+    if not WORKER_PYTHON.exists():
+        raise SystemExit("no .venv-particles: run `make particles-venv` first")
+    command = command_line(argv, "benchmarks/bench_smc.py")
+    log(f"# {command}; load {load_average()}")
+    model, params = ssm.linear_gaussian_1d, ssm.LINEAR_GAUSSIAN_1D_PARAMS
+    if args.quick:
+        filters, smoothers, repeats = [(100, 100), (1000, 100)], [(100, 100)], 1
+    else:
+        filters = [(n, t) for t in (100, 1000) for n in (100, 1000, 10_000)]
+        smoothers, repeats = [(100, 100), (1000, 100)], args.repeats
+    series = {t: np.asarray(ssm.generate_data(model, params, t, seed=0)[1], np.float64)
+              for t in {t for _, t in filters + smoothers}}
+    from tests.smc.kalman import kalman, lg1_matrices  # NumPy float64, no ppl_ext
+
+    exact = {}
+    for t, ys in series.items():
+        k = kalman(lg1_matrices(params), ys[:, None])
+        exact[t] = (float(k["log_likelihoods"][-1]), float(np.sum(k["smoothed_means"])))
+    worker_proc = Worker(WORKER_PYTHON)
+    bound = float(-0.5 * np.log(2 * np.pi) - np.log(float(params["sigma_x"])))
+
+    def ours(name, n, t):
+        ys = jnp.asarray(series[t], jnp.float32)
+        if name == "filter":
+            def run(key):
+                return smc.filter(key, model, params, ys, num_particles=n,
+                                  store_particles=False).log_likelihood
+        elif name == "ffbs":
+            result = smc.filter(jax.random.key(99), model, params, ys, num_particles=n)
+
+            def run(key):
+                paths = smc.ffbs(key, model, params, result, num_samples=n)
+                return jnp.mean(jnp.sum(paths, axis=1))
+        else:
+            def run(key):
+                return smc.paris(key, model, params, ys, lambda xp, x, tt, u: x,
+                                 initial_additive=lambda x, u: x, num_particles=n,
+                                 num_backward_samples=2,
+                                 log_transition_bound=lambda p_, tt, u: bound).estimate
+        run = jax.jit(run)
+        start = time.perf_counter()
+        jax.block_until_ready(run(jax.random.key(1000)))
+        compile_s = time.perf_counter() - start
+
+        def call(seed):
+            start = time.perf_counter()
+            value = float(jax.block_until_ready(run(jax.random.key(seed))))
+            return time.perf_counter() - start, value
+
+        return call, compile_s
+
+    rows = []
+    tasks = [("filter", n, t) for n, t in filters] + [
+        (name, n, t) for name in ("ffbs", "paris") for n, t in smoothers]
+    for name, n, t in tasks:
+        call, compile_s = ours(name, n, t)
+        call(10_000)  # warm-up, both sides (the worker's first task also pays its imports)
+        worker_proc.run({"name": name, "num_particles": n, "ys": series[t].tolist(),
+                         "seed": 10_000})
+        mine, theirs = [], []
+        for r in range(repeats):  # interleaved
+            mine.append(call(r))
+            answer = worker_proc.run({"name": name, "num_particles": n, "ys": series[t].tolist(),
+                                      "seed": r})
+            theirs.append((answer["seconds"], answer["estimate"]))
+        t_mine = statistics.median(s for s, _ in mine)
+        t_theirs = statistics.median(s for s, _ in theirs)
+        reference = f"{exact[t][0]:.3f}" if name == "filter" else f"{exact[t][1]:.3f}"
+        rows.append([name, n, t, f"{t_mine:.4f}", f"{t_theirs:.3f}",
+                     f"{t_theirs / t_mine:.0f}x", f"{compile_s:.2f}",
+                     f"{np.mean([v for _, v in mine]):.3f}",
+                     f"{np.mean([v for _, v in theirs]):.3f}", reference])
+        log("  " + " | ".join(map(str, rows[-1])))
+    worker_proc.close()
+    body = (
+        results_heading("bench_smc.py", command, versions(("jax", "numpy", "blackjax")))
+        + f"- machine: {machine()}; load before the run {load_average()}; threads: "
+        f"{args.threads} (XLA and NumPy, also in the particles worker); repeats: {repeats}"
+        f"{' (QUICK)' if args.quick else ''}\n"
+        "- particles 0.4 (numpy<2) in a worker subprocess; linear-Gaussian model with "
+        "particles' LinearGauss defaults; systematic resampling at every step; estimates: "
+        "log p(y) (filter), E[Σ x_t | y] (ffbs, paris), means over the repeats\n\n"
+        + markdown_table(["task", "N", "T", "ppl_ext s", "particles s", "speed-up",
+                          "ppl_ext compile s", "ppl_ext estimate", "particles estimate",
+                          "exact (Kalman)"], "lrrrrrrrrr", rows)
+    )
+    log(body)
+    return report(body, args.no_results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
