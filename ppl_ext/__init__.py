@@ -48,7 +48,7 @@ from .optim import (
 __version__ = "0.1.0"
 
 #: subpackages imported on first use (PEP 562), so `import ppl_ext` does not pay for them
-_LAZY_SUBPACKAGES = ("smc",)
+_LAZY_SUBPACKAGES = ("gfn", "smc")
 
 
 def __getattr__(name: str):
@@ -62,6 +62,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "gen",
+    "gfn",
     "numpyro",
     "optim",
     "smc",

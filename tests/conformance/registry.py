@@ -515,3 +515,21 @@ KERNELS: list[KernelCase] = [
         num_backward_samples=3, log_transition_bound=_log_transition_bound,
         num_proposals=2), _filter_init, _filter_step_args),
 ]
+
+
+# --------------------------------------------------------------------------- environments
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvironmentCase:
+    """A GFlowNet environment small enough to enumerate (`px.gfn.AbstractEnvironment`)."""
+
+    name: str
+    build: Callable[[], Any]
+
+
+ENVIRONMENTS: list[EnvironmentCase] = [
+    EnvironmentCase("Hypergrid(2, 4)", lambda: px.gfn.Hypergrid(2, 4)),
+    EnvironmentCase("Hypergrid(3, 3)", lambda: px.gfn.Hypergrid(3, 3)),
+    EnvironmentCase("Hypergrid(1, 6, r0=0.5)", lambda: px.gfn.Hypergrid(1, 6, r0=0.5)),
+]
