@@ -146,9 +146,9 @@ class Hypergrid(AbstractEnvironment):
         >>> from ppl_ext.gfn import Hypergrid
         >>> import jax.numpy as jnp
         >>> env = Hypergrid(dimension=2, side=8)
-        >>> [round(float(jnp.exp(env.log_reward(jnp.array(x)))), 4)
-        ...  for x in ([0, 0], [1, 6], [3, 4], [0, 7])]
-        [0.6, 2.6, 0.1, 0.6]
+        >>> tuple(round(float(jnp.exp(env.log_reward(jnp.array(x)))), 4)
+        ...       for x in ([0, 0], [1, 6], [3, 4], [0, 7]))
+        (0.6, 2.6, 0.1, 0.6)
 
     Reference: Bengio, Jain, Korablyov, Precup, Bengio (2021), "Flow network based
     generative models for non-iterative diverse candidate generation"; torchgfn.

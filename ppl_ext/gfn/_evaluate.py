@@ -47,8 +47,8 @@ def terminal_distribution(policy: AbstractPolicy, params: dict) -> jax.Array:
         >>> policy = MLPPolicy(Hypergrid(dimension=1, side=3), hidden_sizes=(4,))
         >>> params = policy.init(jax.random.key(0))
         >>> params["forward"] = jax.tree.map(jnp.zeros_like, params["forward"])  # uniform
-        >>> [round(p, 4) for p in terminal_distribution(policy, params).tolist()]
-        [0.5, 0.25, 0.25]
+        >>> tuple(round(p, 4) for p in terminal_distribution(policy, params).tolist())
+        (0.5, 0.25, 0.25)
     """
     _check_policy(policy, "terminal_distribution")
     return _terminal_distribution(policy, params)

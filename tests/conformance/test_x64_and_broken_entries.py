@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -111,3 +112,64 @@ def test_a_biased_objective_entry_fails_the_common_tests():
         build=lambda: _PathOnlyELBO(registry.M, registry.Q))
     with pytest.raises(AssertionError, match="log_scale"):
         objective_tests.test_gradient_at_the_posterior(broken)
+
+
+class _OffByOneGrid(px.gfn.AbstractEnvironment):
+    """A hypergrid whose backward step forgets to decrement (a broken protocol identity)."""
+
+    inner: Any
+
+    @property
+    def num_actions(self):
+        return self.inner.num_actions
+
+    @property
+    def num_backward_actions(self):
+        return self.inner.num_backward_actions
+
+    @property
+    def max_length(self):
+        return self.inner.max_length
+
+    @property
+    def encoding_size(self):
+        return self.inner.encoding_size
+
+    def initial_state(self):
+        return self.inner.initial_state()
+
+    def forward_mask(self, state):
+        return self.inner.forward_mask(state)
+
+    def backward_mask(self, state):
+        return self.inner.backward_mask(state)
+
+    def step(self, state, action):
+        return self.inner.step(state, action)
+
+    def backward_step(self, state, action):
+        return state  # should undo `step`
+
+    def to_backward_action(self, state, action):
+        return self.inner.to_backward_action(state, action)
+
+    def log_reward(self, state):
+        return self.inner.log_reward(state)
+
+    def encode(self, state):
+        return self.inner.encode(state)
+
+    def all_states(self):
+        return self.inner.all_states()
+
+    def state_index(self, state):
+        return self.inner.state_index(state)
+
+
+def test_an_environment_whose_backward_step_is_wrong_is_caught():
+    from tests.conformance import test_environments as environment_tests
+
+    broken = registry.EnvironmentCase("broken/backward-step",
+                                      lambda: _OffByOneGrid(px.gfn.Hypergrid(2, 3)))
+    with pytest.raises(AssertionError):
+        environment_tests.test_backward_step_undoes_step(broken)
