@@ -401,8 +401,8 @@ def _sample_rule(eqn, invals, key, acc, scope: Scope, resume):
             params["label"],
         )
     except UnsupportedEstimatorError as error:
-        if reason is None:
-            raise
+        if reason is None or not str(error).startswith(params["label"]):
+            raise  # not about this site (a later site's refusal, raised in its continuation)
         raise UnsupportedEstimatorError(
             f"{error} It cannot be enumerated per element either: {reason.rstrip('.')}."
         ) from None
