@@ -8,6 +8,12 @@ filter's `log_likelihood` is an unbiased estimate of the marginal likelihood; th
 axis can be sharded over devices.
 """
 
+from ._csmc import (
+    ConditionalSMC as ConditionalSMC,
+    CSMCInfo as CSMCInfo,
+    CSMCState as CSMCState,
+    particle_gibbs as particle_gibbs,
+)
 from ._filter import (
     AbstractParticleFilter as AbstractParticleFilter,
     AuxiliaryFilter as AuxiliaryFilter,
@@ -38,6 +44,9 @@ __all__ = [
     "AbstractParticleFilter",
     "AuxiliaryFilter",
     "BootstrapFilter",
+    "CSMCInfo",
+    "CSMCState",
+    "ConditionalSMC",
     "FilterResult",
     "GuidedFilter",
     "ParticleFilterInfo",
@@ -52,6 +61,7 @@ __all__ = [
     "filter",
     "genealogy",
     "paris",
+    "particle_gibbs",
     "resample",
     "run_filter",
     "run_paris",
