@@ -28,6 +28,20 @@ RESULTS_HEADER = (
 )
 
 
+def pin_threads_unless_default(argv: Sequence[str]) -> bool:
+    """Pin XLA and the BLAS/OpenMP libraries to one thread unless `argv` asks for
+    `--threads default`; returns whether it pinned. Call it before jax or numpy is imported
+    (the settings are read when they load)."""
+    for i, arg in enumerate(argv):
+        if arg == "--threads=default" or (arg == "--threads" and argv[i + 1:i + 2] == ["default"]):
+            return False
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = "1"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
+                               "=false intra_op_parallelism_threads=1").strip()
+    return True
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 

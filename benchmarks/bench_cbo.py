@@ -25,25 +25,14 @@ machine is shared: XLA and NumPy (OpenBLAS/MKL/OMP) are pinned to one thread by 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 
-def _pinned(argv) -> bool:
-    """False when the command line asks for `--threads default`."""
-    for i, arg in enumerate(argv):
-        if arg == "--threads=default" or (arg == "--threads" and argv[i + 1:i + 2] == ["default"]):
-            return False
-    return True
+from _common import pin_threads_unless_default  # noqa: E402 (stdlib only)
 
-
-if _pinned(sys.argv):  # before jax and numpy are imported
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[name] = "1"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
-                               "=false intra_op_parallelism_threads=1").strip()
+pin_threads_unless_default(sys.argv)  # before jax and numpy are imported
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -29,25 +29,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 
-def _pinned(argv) -> bool:
-    """False when the command line asks for `--threads default`."""
-    for i, arg in enumerate(argv):
-        if arg == "--threads=default" or (arg == "--threads" and argv[i + 1:i + 2] == ["default"]):
-            return False
-    return True
+from _common import pin_threads_unless_default  # noqa: E402 (stdlib only)
 
-
-if _pinned(sys.argv):  # before jax is imported
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
-                               "=false intra_op_parallelism_threads=1").strip()
+pin_threads_unless_default(sys.argv)  # before jax and numpy are imported
 
 HERE = Path(__file__).resolve().parent
 for _path in (HERE, HERE.parent):

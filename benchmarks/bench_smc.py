@@ -35,18 +35,9 @@ import time
 from pathlib import Path
 
 
-def _pinned(argv) -> bool:
-    for i, arg in enumerate(argv):
-        if arg == "--threads=default" or (arg == "--threads" and argv[i + 1:i + 2] == ["default"]):
-            return False
-    return True
+from _common import pin_threads_unless_default  # noqa: E402 (stdlib only)
 
-
-if _pinned(sys.argv):  # before jax and numpy are imported
-    for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[_name] = "1"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
-                               "=false intra_op_parallelism_threads=1").strip()
+pin_threads_unless_default(sys.argv)  # before jax and numpy are imported
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -39,25 +39,15 @@ script reported 1.03 from that noise where 500,000 estimates give 1.00 +- 0.01),
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 
 
-def _pinned(argv) -> bool:
-    """False when the command line asks for `--threads default`."""
-    for i, arg in enumerate(argv):
-        if arg == "--threads=default" or (arg == "--threads" and argv[i + 1:i + 2] == ["default"]):
-            return False
-    return True
+from _common import pin_threads_unless_default  # noqa: E402 (stdlib only)
 
-
-if _pinned(sys.argv):  # before jax is imported
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
-                               "=false intra_op_parallelism_threads=1").strip()
+pin_threads_unless_default(sys.argv)  # before jax and numpy are imported
 
 import jax
 import jax.numpy as jnp

@@ -541,6 +541,34 @@ def run_filter(key: Array, kernel: AbstractParticleFilter, params: Any, observat
 _run_filter_jit = eqx.filter_jit(lambda *args: run_filter(*args))
 
 
+def filter_kernel(owner: str, model: StateSpaceModel, method: str,
+                  log_auxiliary: Callable | None, *, num_particles: int, resampling: str,
+                  ess_threshold: float, sharding: Any) -> AbstractParticleFilter:
+    """The filter kernel that `method` names, its settings checked (for `filter`, `paris`)."""
+    if not isinstance(method, str) or method not in _METHODS:
+        import difflib
+
+        close = difflib.get_close_matches(str(method), _METHODS, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{owner}: unknown method {method!r}{hint} (choose one of "
+                         f"{', '.join(map(repr, _METHODS))})")
+    _check_model(owner, model)
+    if log_auxiliary is not None and method != "auxiliary":
+        raise ValueError(f"{owner}: log_auxiliary is used by method='auxiliary' only, got "
+                         f"method={method!r}")
+    _check_count(owner, "num_particles", num_particles)
+    check_scheme(resampling, owner)
+    common = dict(num_particles=num_particles, resampling=resampling,
+                  ess_threshold=ess_threshold, sharding=sharding)
+    if method == "bootstrap":
+        return BootstrapFilter(model, **common)
+    if method == "guided":
+        return GuidedFilter(model, **common)
+    if log_auxiliary is None:
+        raise ValueError(f"{owner}(method='auxiliary') needs log_auxiliary")
+    return AuxiliaryFilter(model, **common, log_auxiliary=log_auxiliary)
+
+
 def filter(key: Array, model: StateSpaceModel, params: Any, observations: Any, *,
            num_particles: int = 1000, resampling: str = "systematic",
            ess_threshold: float = 1.0, method: str = "bootstrap", inputs: Any = None,
@@ -588,29 +616,9 @@ def filter(key: Array, model: StateSpaceModel, params: Any, observations: Any, *
         >>> result.filtering_means.shape, result.ess.shape
         ((20,), (20,))
     """
-    if not isinstance(method, str) or method not in _METHODS:
-        import difflib
-
-        close = difflib.get_close_matches(str(method), _METHODS, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"filter: unknown method {method!r}{hint} (choose one of "
-                         f"{', '.join(map(repr, _METHODS))})")
-    _check_model("filter", model)
-    if log_auxiliary is not None and method != "auxiliary":
-        raise ValueError(f"filter: log_auxiliary is used by method='auxiliary' only, got "
-                         f"method={method!r}")
-    _check_count("filter", "num_particles", num_particles)
-    check_scheme(resampling, "filter")
+    kernel = filter_kernel("filter", model, method, log_auxiliary,
+                           num_particles=num_particles, resampling=resampling,
+                           ess_threshold=ess_threshold, sharding=sharding)
     check_series(observations, inputs, "filter")
-    common = dict(num_particles=num_particles, resampling=resampling,
-                  ess_threshold=ess_threshold, sharding=sharding)
-    if method == "bootstrap":
-        kernel = BootstrapFilter(model, **common)
-    elif method == "guided":
-        kernel = GuidedFilter(model, **common)
-    else:
-        if log_auxiliary is None:
-            raise ValueError("filter(method='auxiliary') needs log_auxiliary")
-        kernel = AuxiliaryFilter(model, **common, log_auxiliary=log_auxiliary)
     return _run_filter_jit(key, kernel, params, observations, inputs, functional,
                            store_particles)

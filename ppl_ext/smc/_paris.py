@@ -31,17 +31,13 @@ from jaxtyping import Array
 from .._kernel import AbstractKernel
 from ._filter import (
     AbstractParticleFilter,
-    AuxiliaryFilter,
-    BootstrapFilter,
-    GuidedFilter,
     ParticleFilterInfo,
     ParticleFilterState,
     _check_count,
-    _check_model,
-    _METHODS,
+    filter_kernel,
 )
 from ._backward import backward_indices
-from ._resampling import check_scheme, effective_sample_size
+from ._resampling import effective_sample_size
 from ._ssm import StateSpaceModel, at_time, check_series
 
 
@@ -273,26 +269,10 @@ def paris(key: Array, model: StateSpaceModel, params: Any, observations: Any,
         >>> result.estimate.shape, result.estimates.shape
         ((), (10,))
     """
-    if not isinstance(method, str) or method not in _METHODS:
-        import difflib
-
-        close = difflib.get_close_matches(str(method), _METHODS, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"paris: unknown method {method!r}{hint}")
-    _check_model("paris", model)
-    _check_count("paris", "num_particles", num_particles)
-    check_scheme(resampling, "paris")
+    base = filter_kernel("paris", model, method, log_auxiliary,
+                         num_particles=num_particles, resampling=resampling,
+                         ess_threshold=ess_threshold, sharding=sharding)
     check_series(observations, inputs, "paris")
-    common = dict(num_particles=num_particles, resampling=resampling,
-                  ess_threshold=ess_threshold, sharding=sharding)
-    if method == "bootstrap":
-        base = BootstrapFilter(model, **common)
-    elif method == "guided":
-        base = GuidedFilter(model, **common)
-    else:
-        if log_auxiliary is None:
-            raise ValueError("paris(method='auxiliary') needs log_auxiliary")
-        base = AuxiliaryFilter(model, **common, log_auxiliary=log_auxiliary)
     kernel = Paris(base, additive, initial_additive, num_backward_samples,
                    log_transition_bound, num_proposals)
     return _run_paris_jit(key, kernel, params, observations, inputs)
