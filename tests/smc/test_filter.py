@@ -387,3 +387,17 @@ def test_derivatives_through_the_filter_are_refused():
         return a * log_z(p, ys)
 
     assert np.isfinite(float(jax.grad(stopped)(jnp.asarray(0.8))))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_resampling_never_draws_trailing_zero_weights(scheme):
+    """Float rounding of the cumulative weights must not hand a draw to a particle of
+    weight zero at the end (blackjax's searchsorted schemes clip overflow to the last
+    index)."""
+    num = 10_000
+    log_weights = jnp.concatenate([jax.random.normal(jax.random.key(3), (num - 3,)),
+                                   jnp.full(3, -jnp.inf)])
+    # float32 weights sum to 1 - 2.4e-7 here: a uniform above 0.9976 used to overflow
+    highest = jax.lax.map(lambda k: jnp.max(smc.resample(k, log_weights, num, scheme)),
+                          jax.random.split(jax.random.key(4), 4000))
+    assert int(jnp.max(highest)) < num - 3
