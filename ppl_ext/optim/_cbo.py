@@ -254,10 +254,51 @@ def _nan(value) -> jax.Array:
     return jnp.full((), jnp.nan, jnp.result_type(value, jnp.float32))
 
 
+class _ConsensusBackend(AbstractBackend):
+    """The skeleton the consensus back-ends share: `init` draws the cloud, `step` estimates
+    the objective at `params(state)`, forms the cloud it evaluates (`_cloud`), evaluates
+    it, moves it (`_move`) and tracks the best particle; `params` selects by `estimate`."""
+
+    def __check_init__(self):
+        _check_common(self)
+
+    def init(self, key, params, objective, *args, **kwargs) -> ConsensusState:
+        """A cloud drawn around `params` (or on `init_bounds`) from `key`; no evaluation."""
+        return _initial_state(self, key, params)
+
+    def _cloud(self, key, state: ConsensusState, center) -> jax.Array:
+        """The `(num_particles, d)` points this step evaluates: the state's cloud."""
+        return _constrain(self, _flat_cloud(state.particles))
+
+    def _move(self, key, flat, values) -> tuple[jax.Array, jax.Array]:
+        """`(the new cloud, the flattened consensus point)` from the evaluated cloud."""
+        raise NotImplementedError
+
+    def step(self, key, state: ConsensusState, objective, *args, **kwargs):
+        """Evaluate the cloud and move it once (the class docstring gives the dynamics)."""
+        key_value, key_evaluate, key_noise = jax.random.split(key, 3)
+        value = _value_at(self, key_value, state, objective, args, kwargs)
+        template = state.consensus
+        center, unravel = ravel_pytree(template)
+        flat = self._cloud(key_noise, state, center)
+        values = _evaluate(self, key_evaluate, flat, template, objective, args, kwargs)
+        moved, consensus = self._move(key_noise, flat, values)
+        best_params, best_value = _best(state, flat, values, template)
+        new = ConsensusState(_unravel_cloud(_constrain(self, moved), template),
+                             values.astype(state.values.dtype), unravel(consensus),
+                             best_params, best_value)
+        return new, BackendInfo(value, _nan(value))
+
+    def params(self, state: ConsensusState) -> Any:
+        """The consensus point (`estimate="consensus"`), the best particle (`"best"`) or
+        the mean of the particles (`"mean"`)."""
+        return _select(self, state)
+
+
 # ----------------------------------------------------------------------------- CBO
 
 
-class CBO(AbstractBackend):
+class CBO(_ConsensusBackend):
     """Consensus-based optimisation, isotropic or anisotropic (derivative-free, global).
 
     Each step evaluates the objective `f` at the particles, forms the consensus point
@@ -328,34 +369,18 @@ class CBO(AbstractBackend):
     sharding: Any = None
 
     def __check_init__(self):
-        _check_common(self)
         _check_positive("CBO", "sigma", self.sigma, allow_zero=True)
         _check_positive("CBO", "dt", self.dt)
         _check_positive("CBO", "drift_rate", self.drift_rate)
         _check_choice("CBO", "noise", self.noise, NOISES)
 
-    def init(self, key, params, objective, *args, **kwargs) -> ConsensusState:
-        """A cloud drawn around `params` (or on `init_bounds`) from `key`; no evaluation."""
-        return _initial_state(self, key, params)
-
-    def step(self, key, state: ConsensusState, objective, *args, **kwargs):
-        """Evaluate the cloud, form its consensus point, move every particle once."""
-        key_value, key_evaluate, key_noise = jax.random.split(key, 3)
-        value = _value_at(self, key_value, state, objective, args, kwargs)
-        template = state.consensus
-        flat = _constrain(self, _flat_cloud(state.particles))
-        values = _evaluate(self, key_evaluate, flat, template, objective, args, kwargs)
+    def _move(self, key, flat, values):
         consensus = _consensus(flat, values, self.alpha)
         drift = flat - consensus
-        xi = jax.random.normal(key_noise, flat.shape, flat.dtype)
+        xi = jax.random.normal(key, flat.shape, flat.dtype)
         moved = (flat - self.drift_rate * self.dt * drift
                  + self.sigma * jnp.sqrt(self.dt) * _diffusion(self.noise, drift, xi))
-        moved = _constrain(self, moved)
-        best_params, best_value = _best(state, flat, values, template)
-        unravel = ravel_pytree(template)[1]
-        new = ConsensusState(_unravel_cloud(moved, template), values.astype(state.values.dtype),
-                             unravel(consensus), best_params, best_value)
-        return new, BackendInfo(value, _nan(value))
+        return moved, consensus
 
     def params(self, state: ConsensusState) -> Any:
         """The consensus point (`estimate="consensus"`) or the best particle (`"best"`)."""
@@ -365,7 +390,7 @@ class CBO(AbstractBackend):
 # -------------------------------------------------------------------- consensus hopping
 
 
-class ConsensusHopping(AbstractBackend):
+class ConsensusHopping(_ConsensusBackend):
     """Consensus hopping: jump to the consensus point of a Gaussian cloud around the point.
 
     The scheme of Riedl, Klock, Geldhauser and Fornasier ("Gradient is All You Need?",
@@ -415,28 +440,16 @@ class ConsensusHopping(AbstractBackend):
     sharding: Any = None
 
     def __check_init__(self):
-        _check_common(self)
         _check_positive("ConsensusHopping", "sigma", self.sigma)
 
-    def init(self, key, params, objective, *args, **kwargs) -> ConsensusState:
-        """The point `params` (and a placeholder cloud); no evaluation."""
-        return _initial_state(self, key, params)
-
-    def step(self, key, state: ConsensusState, objective, *args, **kwargs):
-        """Sample a cloud around the point and hop to its consensus point."""
-        key_value, key_evaluate, key_noise = jax.random.split(key, 3)
-        value = _value_at(self, key_value, state, objective, args, kwargs)
-        template = state.consensus
-        center, unravel = ravel_pytree(template)
+    def _cloud(self, key, state, center):
+        """Samples `center + σ ξ_i` around the current point."""
         shape = (self.num_particles, center.shape[0])
-        xi = jax.random.normal(key_noise, shape, center.dtype)
-        flat = _constrain(self, center + jnp.asarray(self.sigma, center.dtype) * xi)
-        values = _evaluate(self, key_evaluate, flat, template, objective, args, kwargs)
-        consensus = _consensus(flat, values, self.alpha)
-        best_params, best_value = _best(state, flat, values, template)
-        new = ConsensusState(_unravel_cloud(flat, template), values.astype(state.values.dtype),
-                             unravel(consensus), best_params, best_value)
-        return new, BackendInfo(value, _nan(value))
+        xi = jax.random.normal(key, shape, center.dtype)
+        return _constrain(self, center + jnp.asarray(self.sigma, center.dtype) * xi)
+
+    def _move(self, key, flat, values):
+        return flat, _consensus(flat, values, self.alpha)
 
     def params(self, state: ConsensusState) -> Any:
         """The current point (`estimate="consensus"`) or the best sample (`"best"`)."""
@@ -446,7 +459,7 @@ class ConsensusHopping(AbstractBackend):
 # ---------------------------------------------------------------------- polarised CBO
 
 
-class PolarisedCBO(AbstractBackend):
+class PolarisedCBO(_ConsensusBackend):
     """Polarised CBO: a kernel-weighted consensus point per particle, so several minima are found.
 
     Bungert, Roith and Wacker ("Polarized consensus-based dynamics for optimization and
@@ -502,40 +515,23 @@ class PolarisedCBO(AbstractBackend):
     sharding: Any = None
 
     def __check_init__(self):
-        _check_common(self)
         _check_positive("PolarisedCBO", "sigma", self.sigma, allow_zero=True)
         _check_positive("PolarisedCBO", "dt", self.dt)
         _check_positive("PolarisedCBO", "drift_rate", self.drift_rate)
         _check_positive("PolarisedCBO", "kernel_width", self.kernel_width)
         _check_choice("PolarisedCBO", "noise", self.noise, NOISES)
 
-    def init(self, key, params, objective, *args, **kwargs) -> ConsensusState:
-        """A cloud drawn around `params` (or on `init_bounds`) from `key`; no evaluation."""
-        return _initial_state(self, key, params)
-
-    def step(self, key, state: ConsensusState, objective, *args, **kwargs):
-        """Evaluate the cloud, form each particle's consensus point, move every particle."""
-        key_value, key_evaluate, key_noise = jax.random.split(key, 3)
-        value = _value_at(self, key_value, state, objective, args, kwargs)
-        template = state.consensus
-        flat = _constrain(self, _flat_cloud(state.particles))
-        values = _evaluate(self, key_evaluate, flat, template, objective, args, kwargs)
+    def _move(self, key, flat, values):
         squared = jnp.sum((flat[:, None, :] - flat[None, :, :]) ** 2, axis=-1)
         log_kernel = -squared / (2.0 * jnp.asarray(self.kernel_width, flat.dtype) ** 2)
         logits = log_kernel.astype(values.dtype) - jnp.asarray(self.alpha, values.dtype) * values
         weights = jnp.exp(logits - jax.scipy.special.logsumexp(logits, axis=1, keepdims=True))
         local = _constrain(self, weights.astype(flat.dtype) @ flat)
         drift = flat - local
-        xi = jax.random.normal(key_noise, flat.shape, flat.dtype)
+        xi = jax.random.normal(key, flat.shape, flat.dtype)
         moved = (flat - self.drift_rate * self.dt * drift
                  + self.sigma * jnp.sqrt(self.dt) * _diffusion(self.noise, drift, xi))
-        moved = _constrain(self, moved)
-        best_params, best_value = _best(state, flat, values, template)
-        unravel = ravel_pytree(template)[1]
-        consensus = unravel(local[jnp.argmin(values)])
-        new = ConsensusState(_unravel_cloud(moved, template), values.astype(state.values.dtype),
-                             consensus, best_params, best_value)
-        return new, BackendInfo(value, _nan(value))
+        return moved, local[jnp.argmin(values)]
 
     def params(self, state: ConsensusState) -> Any:
         """The best particle's consensus point (`"consensus"`) or the best particle (`"best"`)."""
@@ -545,7 +541,7 @@ class PolarisedCBO(AbstractBackend):
 # ------------------------------------------------------------- consensus-based sampling
 
 
-class ConsensusBasedSampling(AbstractBackend):
+class ConsensusBasedSampling(_ConsensusBackend):
     """Consensus-based sampling (CBS): sample from `exp(-f)` or minimise `f` from values only.
 
     Carrillo, Hoffmann, Stuart and Vaes ("Consensus-based sampling", 2022). With the
@@ -600,21 +596,10 @@ class ConsensusBasedSampling(AbstractBackend):
     sharding: Any = None
 
     def __check_init__(self):
-        _check_common(self)
         _check_positive("ConsensusBasedSampling", "dt", self.dt)
         _check_choice("ConsensusBasedSampling", "mode", self.mode, CBS_MODES)
 
-    def init(self, key, params, objective, *args, **kwargs) -> ConsensusState:
-        """A cloud drawn around `params` (or on `init_bounds`) from `key`; no evaluation."""
-        return _initial_state(self, key, params)
-
-    def step(self, key, state: ConsensusState, objective, *args, **kwargs):
-        """Evaluate the cloud, then one exact Ornstein-Uhlenbeck step towards its weighted mean."""
-        key_value, key_evaluate, key_noise = jax.random.split(key, 3)
-        value = _value_at(self, key_value, state, objective, args, kwargs)
-        template = state.consensus
-        flat = _constrain(self, _flat_cloud(state.particles))
-        values = _evaluate(self, key_evaluate, flat, template, objective, args, kwargs)
+    def _move(self, key, flat, values):
         weights = _weights(values, self.alpha).astype(flat.dtype)
         mean = weights @ flat
         centred = flat - mean
@@ -624,14 +609,8 @@ class ConsensusBasedSampling(AbstractBackend):
         inverse_lambda = 1.0 + self.alpha if self.mode == "sampling" else 1.0
         decay = jnp.exp(-jnp.asarray(self.dt, flat.dtype))
         scale = jnp.sqrt((1.0 - decay**2) * inverse_lambda).astype(flat.dtype)
-        xi = jax.random.normal(key_noise, flat.shape, flat.dtype)
-        moved = mean + decay * centred + scale * xi @ root.T
-        moved = _constrain(self, moved)
-        best_params, best_value = _best(state, flat, values, template)
-        unravel = ravel_pytree(template)[1]
-        new = ConsensusState(_unravel_cloud(moved, template), values.astype(state.values.dtype),
-                             unravel(mean), best_params, best_value)
-        return new, BackendInfo(value, _nan(value))
+        xi = jax.random.normal(key, flat.shape, flat.dtype)
+        return mean + decay * centred + scale * xi @ root.T, mean
 
     def params(self, state: ConsensusState) -> Any:
         """The weighted mean (`estimate="consensus"`) or the best particle (`"best"`)."""
