@@ -129,37 +129,11 @@ def vae_workflow(quick):
 
 
 def toy_mixture_workflow(quick):
-    from numpyro.contrib.funsor import config_enumerate
-    from numpyro.distributions import constraints
-    from numpyro.ops.indexing import Vindex
+    from models import toy_mixture
 
-    @config_enumerate
-    def model(prior, obs, num_obs):
-        p_A = numpyro.sample("p_A", dist.Beta(1, 1))
-        p_B = numpyro.sample("p_B", dist.Beta(jnp.ones(2), jnp.ones(2)).to_event(1))
-        p_C = numpyro.sample("p_C", dist.Beta(jnp.ones(2), jnp.ones(2)).to_event(1))
-        with numpyro.plate("data_plate", num_obs):
-            A = numpyro.sample("A", dist.Bernoulli(p_A), obs=obs["A"])
-            B = numpyro.sample("B", dist.Bernoulli(Vindex(p_B)[A]),
-                               infer={"enumerate": "parallel"})
-            numpyro.sample("C", dist.Bernoulli(Vindex(p_C)[B]), obs=obs["C"])
-
-    def guide(prior, obs, num_obs):
-        a = numpyro.param("a", prior["A"], constraint=constraints.positive)
-        numpyro.sample("p_A", dist.Beta(a[0], a[1]))
-        b = numpyro.param("b", prior["B"], constraint=constraints.positive)
-        numpyro.sample("p_B", dist.Beta(b[:, 0], b[:, 1]).to_event(1))
-        c = numpyro.param("c", prior["C"], constraint=constraints.positive)
-        numpyro.sample("p_C", dist.Beta(c[:, 0], c[:, 1]).to_event(1))
-
+    model, guide = toy_mixture.model, toy_mixture.guide
     num_obs = 1000
-    prior = {"A": jnp.array([1.0, 10.0]), "B": jnp.array([[10.0, 1.0], [1.0, 10.0]]),
-             "C": jnp.array([[10.0, 1.0], [1.0, 10.0]])}
-    rng = np.random.default_rng(0)
-    a = (rng.random(num_obs) < 0.3).astype(np.int32)
-    b = (rng.random(num_obs) < np.where(a == 1, 0.8, 0.2)).astype(np.int32)
-    c = (rng.random(num_obs) < np.where(b == 1, 0.9, 0.3)).astype(np.int32)
-    obs = {"A": jnp.asarray(a), "C": jnp.asarray(c)}
+    prior, obs = toy_mixture.generate_data(num_obs)
 
     def answer(svi, state):
         p = svi.get_params(state)

@@ -42,8 +42,9 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's models/
 
 from _common import pin_threads_unless_default  # noqa: E402 (stdlib only)
 
@@ -57,6 +58,7 @@ import numpyro.distributions as dist
 from numpyro.infer import TraceGraph_ELBO
 
 import ppl_ext as px
+from models import sbn as tiny_sbn
 from _common import (
     command_line, load_average, log, machine, markdown_table, report, results_heading,
     versions,
@@ -88,14 +90,7 @@ def chain_guide():
     numpyro.sample("z3", ScoreNormal(m[2] + w[1] * z2, 1.0))
 
 
-X = jnp.array([1.0, 0.0, 1.0])
-SBN = {
-    "b1": jnp.array([0.2, -0.4]),
-    "W2": jnp.array([[1.0, -1.5], [0.5, 2.0]]),
-    "b2": jnp.array([-0.3, 0.1]),
-    "W3": jnp.array([[2.0, -1.0], [-0.5, 1.5], [1.0, 1.0]]),
-    "b3": jnp.array([0.0, -0.5, 0.3]),
-}
+X, SBN = tiny_sbn.TINY_X, tiny_sbn.TINY_MODEL
 
 
 def sbn_model():
@@ -118,10 +113,7 @@ MODELS = {
     "chain": (chain_model, chain_guide, ("z1", "z2", "z3"),
               {"m": jnp.array([0.1, 0.2, -0.3]), "w": jnp.array([0.5, 0.5])}),
     "sbn": (sbn_model, sbn_guide, ("z1", "z2"),
-            {"A": jnp.array([[0.3, -0.2, 0.5], [-0.4, 0.1, 0.2]]),
-             "c2": jnp.array([0.1, -0.1]),
-             "B": jnp.array([[0.5, -0.5], [0.2, 0.4]]),
-             "c1": jnp.array([-0.2, 0.3])}),
+            tiny_sbn.TINY_GUIDE),
 }
 
 

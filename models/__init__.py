@@ -7,6 +7,7 @@ and a small training helper:
 - `models.vae`: a variational autoencoder with equinox MLPs (Gaussian latents).
 - `models.sbn`: a sigmoid belief net (Bernoulli latents) for score-function estimators.
 - `models.mixture`: a Gaussian mixture with discrete assignments (enumeration).
+- `models.toy_mixture`: NumPyro's discrete-enumeration toy mixture example.
 - `models.regression`: hierarchical linear regression on generated data.
 - `models.ssm`: state-space models for `px.smc` (linear-Gaussian, stochastic volatility,
   Poisson counts) with parameters and a data simulator.
@@ -14,6 +15,6 @@ and a small training helper:
 They are imported as `from models import vae` from the repository root.
 """
 
-from . import digits, mixture, regression, sbn, ssm, vae
+from . import digits, mixture, regression, sbn, ssm, toy_mixture, vae
 
-__all__ = ["digits", "mixture", "regression", "sbn", "ssm", "vae"]
+__all__ = ["digits", "mixture", "regression", "sbn", "ssm", "toy_mixture", "vae"]

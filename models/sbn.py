@@ -27,6 +27,24 @@ from . import digits
 #: Default number of latent Bernoulli units.
 NUM_LATENT = 8
 
+#: A tiny two-layer net small enough to enumerate (`z1` 2 bits -> `z2` 2 bits -> `x` 3 bits),
+#: shared by the graph Rao-Blackwellisation tests and the TraceGraph_ELBO benchmark: the
+#: observed bits, the model's weights, and guide weights for `q(z2 | x) q(z1 | z2)`.
+TINY_X = jnp.array([1.0, 0.0, 1.0])
+TINY_MODEL = {
+    "b1": jnp.array([0.2, -0.4]),
+    "W2": jnp.array([[1.0, -1.5], [0.5, 2.0]]),
+    "b2": jnp.array([-0.3, 0.1]),
+    "W3": jnp.array([[2.0, -1.0], [-0.5, 1.5], [1.0, 1.0]]),
+    "b3": jnp.array([0.0, -0.5, 0.3]),
+}
+TINY_GUIDE = {
+    "A": jnp.array([[0.3, -0.2, 0.5], [-0.4, 0.1, 0.2]]),
+    "c2": jnp.array([0.1, -0.1]),
+    "B": jnp.array([[0.5, -0.5], [0.2, 0.4]]),
+    "c1": jnp.array([-0.2, 0.3]),
+}
+
 Model = Callable[[jax.Array], None]
 
 

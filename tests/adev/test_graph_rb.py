@@ -22,6 +22,7 @@ from numpyro.infer import TraceGraph_ELBO
 
 import ppl_ext as px
 from ppl_ext.adev._graph import plan
+from models import sbn
 from tests.helpers import assert_unbiased, many
 
 NUM = 20_000
@@ -137,20 +138,7 @@ def test_a_cond_output_depends_on_its_predicate():
 
 # ----------------------------------------------------------------- a sigmoid belief net
 
-X = jnp.array([1.0, 0.0, 1.0])
-MODEL = {
-    "b1": jnp.array([0.2, -0.4]),
-    "W2": jnp.array([[1.0, -1.5], [0.5, 2.0]]),
-    "b2": jnp.array([-0.3, 0.1]),
-    "W3": jnp.array([[2.0, -1.0], [-0.5, 1.5], [1.0, 1.0]]),
-    "b3": jnp.array([0.0, -0.5, 0.3]),
-}
-GUIDE = {
-    "A": jnp.array([[0.3, -0.2, 0.5], [-0.4, 0.1, 0.2]]),
-    "c2": jnp.array([0.1, -0.1]),
-    "B": jnp.array([[0.5, -0.5], [0.2, 0.4]]),
-    "c1": jnp.array([-0.2, 0.3]),
-}
+X, MODEL, GUIDE = sbn.TINY_X, sbn.TINY_MODEL, sbn.TINY_GUIDE
 
 
 def _bernoulli_log(logits, value):

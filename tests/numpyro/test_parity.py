@@ -18,6 +18,7 @@ from numpyro.contrib.funsor import config_enumerate
 from numpyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 
 import ppl_ext as px
+from models import toy_mixture
 from tests.helpers import assert_same_mean, assert_unbiased, many
 
 
@@ -69,39 +70,11 @@ def test_svi_static_kwargs_stay_python_values():
 
 
 # numpyro's examples/toy_mixture_model_discrete_enumeration.py, as written
-@config_enumerate
-def toy_mixture_model(prior, obs, num_obs):
-    from numpyro.ops.indexing import Vindex
-
-    p_A = numpyro.sample("p_A", dist.Beta(1, 1))
-    p_B = numpyro.sample("p_B", dist.Beta(jnp.ones(2), jnp.ones(2)).to_event(1))
-    p_C = numpyro.sample("p_C", dist.Beta(jnp.ones(2), jnp.ones(2)).to_event(1))
-    with numpyro.plate("data_plate", num_obs):
-        A = numpyro.sample("A", dist.Bernoulli(p_A), obs=obs["A"])
-        B = numpyro.sample("B", dist.Bernoulli(Vindex(p_B)[A]),
-                           infer={"enumerate": "parallel"})
-        numpyro.sample("C", dist.Bernoulli(Vindex(p_C)[B]), obs=obs["C"])
-
-
-def toy_mixture_guide(prior, obs, num_obs):
-    from numpyro.distributions import constraints
-
-    a = numpyro.param("a", prior["A"], constraint=constraints.positive)
-    numpyro.sample("p_A", dist.Beta(a[0], a[1]))
-    b = numpyro.param("b", prior["B"], constraint=constraints.positive)
-    numpyro.sample("p_B", dist.Beta(b[:, 0], b[:, 1]).to_event(1))
-    c = numpyro.param("c", prior["C"], constraint=constraints.positive)
-    numpyro.sample("p_C", dist.Beta(c[:, 0], c[:, 1]).to_event(1))
+toy_mixture_model, toy_mixture_guide = toy_mixture.model, toy_mixture.guide
 
 
 def toy_mixture_data(num_obs):
-    prior = {"A": jnp.array([1.0, 10.0]), "B": jnp.array([[10.0, 1.0], [1.0, 10.0]]),
-             "C": jnp.array([[10.0, 1.0], [1.0, 10.0]])}
-    rng = np.random.default_rng(0)
-    a = (rng.random(num_obs) < 0.1).astype(np.int32)
-    b = (rng.random(num_obs) < np.where(a == 1, 0.9, 0.1)).astype(np.int32)
-    c = (rng.random(num_obs) < np.where(b == 1, 0.9, 0.1)).astype(np.int32)
-    return prior, {"A": jnp.asarray(a), "C": jnp.asarray(c)}
+    return toy_mixture.generate_data(num_obs, p_a=0.1, p_b=(0.1, 0.9), p_c=(0.1, 0.9))
 
 
 def test_toy_mixture_example_with_the_plate_size_as_an_argument():
