@@ -85,7 +85,10 @@ def test_pytree_gradient_estimate_and_step():
     state = backend.init(jax.random.key(1), params, objective)
     assert isinstance(state, ZerothOrderState)
     new, info = jax.jit(lambda s: backend.step(jax.random.key(2), s, objective))(state)
-    assert float(info.value) == pytest.approx(float(objective(None, params)))
+    # info.value: the mean of the 2q evaluations, an estimate of the smoothed objective
+    # f_mu(x) = f(x) + mu² tr(H) / 2 = f(x) + 2 mu² (noise about 5e-6 at 2,000 directions)
+    smoothed = float(objective(None, params)) + 2 * 1e-2**2
+    assert float(info.value) == pytest.approx(smoothed, abs=3e-5)
     assert np.isfinite(info.grad_norm) and info.grad_norm > 0
     assert float(new.params["b"]) < 0.5
 
