@@ -88,14 +88,8 @@ class NotSeparable(Exception):
     """The group evaluation does not apply; the message says why."""
 
 
-def enumerate_group(distribution, resume, acc, dtype, site: str):
-    """Exact per-element enumeration of the group that starts at this site.
-
-    Returns `(outputs, invalid)` of the whole program (surrogates in surrogate mode, with
-    `acc` applied), or raises `NotSeparable`.
-    """
-    from ._interpreter import add_acc, finish
-
+def _open_group(distribution, resume):
+    """`(n, env, frame)` for a group that starts at this site, or `NotSeparable`."""
     if not _factorisable(distribution):
         raise NotSeparable("the site has no plate axis")
     if not _reaches_finish(resume):
@@ -103,7 +97,26 @@ def enumerate_group(distribution, resume, acc, dtype, site: str):
     _VERDICTS.clear()
     n = distribution.batch_shape[0]
     env = {var: sep.Val(P, arr=val) for var, val in resume.env.items()}
-    frame = _Frame(resume.jaxpr, resume.index, resume.scope, resume.cont)
+    return n, env, _Frame(resume.jaxpr, resume.index, resume.scope, resume.cont)
+
+
+def _close_group(flat, rest, acc):
+    """Run the group (`rest` under the flat enumeration) and finish the whole program."""
+    from ._interpreter import add_acc, finish
+
+    outs, score, baseline, invalid = _flat_run(flat, rest)
+    acc = add_acc(acc, score, baseline)
+    return finish([v.array() for v in outs],
+                  acc._replace(invalid=_merge_invalid(acc.invalid, invalid)))
+
+
+def enumerate_group(distribution, resume, acc, dtype, site: str):
+    """Exact per-element enumeration of the group that starts at this site.
+
+    Returns `(outputs, invalid)` of the whole program (surrogates in surrogate mode, with
+    `acc` applied), or raises `NotSeparable`.
+    """
+    n, env, frame = _open_group(distribution, resume)
     values = _element_values(distribution, site, dtype)  # (V,) + shape[1:]
     flat = _Flat()
     if isinstance(values, np.ndarray):  # the site is the flat enumeration's first member
@@ -124,10 +137,7 @@ def enumerate_group(distribution, resume, acc, dtype, site: str):
         def rest():
             return _enumerate(distribution, frame, env, dtype, site, n, flat, None)
     _plan(flat, frame, n)
-    outs, score, baseline, invalid = _flat_run(flat, rest)
-    acc = add_acc(acc, score, baseline)
-    return finish([v.array() for v in outs],
-                  acc._replace(invalid=_merge_invalid(acc.invalid, invalid)))
+    return _close_group(flat, rest, acc)
 
 
 class _Frame:
@@ -246,24 +256,12 @@ def mvd_group(distribution, resume, acc, key, dtype, site: str):
 
     Returns `(outputs, invalid)` of the whole program, or raises `NotSeparable`.
     """
-    from ._interpreter import add_acc, finish
-
-    if not _factorisable(distribution):
-        raise NotSeparable("the site has no plate axis")
-    if not _reaches_finish(resume):
-        raise NotSeparable("the rest of the program is not available here")
-    _VERDICTS.clear()
-    n = distribution.batch_shape[0]
-    env = {var: sep.Val(P, arr=val) for var, val in resume.env.items()}
-    frame = _Frame(resume.jaxpr, resume.index, resume.scope, resume.cont)
+    n, env, frame = _open_group(distribution, resume)
     key_x, key_mvd = jax.random.split(key)
     x = jax.lax.stop_gradient(distribution.sample(key_x)).astype(dtype)
     flat = _plan(_Flat(), frame, n)
-    outs, score, baseline, invalid = _flat_run(
-        flat, lambda: _mvd(distribution, frame, env, x, key_mvd, site, n, flat, None))
-    acc = add_acc(acc, score, baseline)
-    return finish([v.array() for v in outs],
-                  acc._replace(invalid=_merge_invalid(acc.invalid, invalid)))
+    return _close_group(
+        flat, lambda: _mvd(distribution, frame, env, x, key_mvd, site, n, flat, None), acc)
 
 
 def _mvd(distribution, frame, env, x, key, site, n, flat, weight):
@@ -317,23 +315,14 @@ def reinforce_group(estimator, distribution, resume, acc, key, dtype, site: str)
     on the same plate) are handled inside that evaluation. Returns `(outputs, invalid)`
     of the whole program (surrogates, with `acc` applied), or raises `NotSeparable`.
     """
-    from ._interpreter import add_acc, finish
-
-    if not estimator.rao_blackwellise or not _factorisable(distribution):
+    if not estimator.rao_blackwellise:
         raise NotSeparable("the site is not Rao-Blackwellised per element")
-    if not _reaches_finish(resume):
-        raise NotSeparable("the rest of the program is not available here")
-    _VERDICTS.clear()
-    n = distribution.batch_shape[0]
-    env = {var: sep.Val(P, arr=val) for var, val in resume.env.items()}
-    frame = _Frame(resume.jaxpr, resume.index, resume.scope, resume.cont)
+    n, env, frame = _open_group(distribution, resume)
     x = jax.lax.stop_gradient(distribution.sample(key)).astype(dtype)  # as `local` draws
     flat = _plan(_Flat(), frame, n)
-    outs, score, baseline, invalid = _flat_run(
-        flat, lambda: _reinforce(estimator, distribution, frame, env, x, site, n, flat, None))
-    acc = add_acc(acc, score, baseline)
-    return finish([v.array() for v in outs],
-                  acc._replace(invalid=_merge_invalid(acc.invalid, invalid)))
+    return _close_group(
+        flat, lambda: _reinforce(estimator, distribution, frame, env, x, site, n, flat, None),
+        acc)
 
 
 def _reinforce(estimator, distribution, frame, env, x, site, n, flat, weight):
