@@ -5,7 +5,8 @@ kernel: `BootstrapFilter`, `GuidedFilter`, `AuxiliaryFilter`, run by `run_filter
 the kernel protocol), and smooth with `genealogy`, `ffbs` or, online for additive
 functionals with memory O(N), `paris` (the `Paris` kernel). The exponential of the
 filter's `log_likelihood` is an unbiased estimate of the marginal likelihood; the particle
-axis can be sharded over devices.
+axis can be sharded over devices. `SMC` is a particle filter as a generative function,
+usable inside objectives with an unbiased gradient through resampling.
 """
 
 from ._csmc import (
@@ -39,6 +40,7 @@ from ._resampling import (
 )
 from ._smoothers import ffbs as ffbs, genealogy as genealogy
 from ._ssm import StateSpaceModel as StateSpaceModel
+from ._variational import SMC as SMC, SMCReturn as SMCReturn
 
 __all__ = [
     "AbstractParticleFilter",
@@ -55,6 +57,8 @@ __all__ = [
     "ParisInfo",
     "ParisResult",
     "ParisState",
+    "SMC",
+    "SMCReturn",
     "StateSpaceModel",
     "effective_sample_size",
     "ffbs",

@@ -250,6 +250,33 @@ GENERATIVE_FUNCTIONS: list[GenFnCase] = [
 ]
 
 
+# SMC over one time step whose initial proposal is the exact posterior p(x_0 | y_0): every
+# weight is p(y_0), so the returned state is a posterior draw (a Gaussian, in closed form)
+_SMC_Y, _SMC_S0, _SMC_SY = 0.7, 1.5, 0.5
+_SMC_POSTERIOR_VAR = 1.0 / (1.0 / _SMC_S0**2 + 1.0 / _SMC_SY**2)
+_SMC_POSTERIOR_MEAN = _SMC_POSTERIOR_VAR * _SMC_Y / _SMC_SY**2
+
+
+def _smc_one_step():
+    model = px.smc.StateSpaceModel(
+        initial=lambda p, u: dist.Normal(0.0, p["s0"]),
+        transition=lambda p, x, t, u: dist.Normal(x, 1.0),
+        observation=lambda p, x, t, u: dist.Normal(x, p["sy"]),
+        initial_proposal=lambda p, y, u: dist.Normal(
+            y * p["s0"] ** 2 / (p["s0"] ** 2 + p["sy"] ** 2),
+            jnp.sqrt(1.0 / (1.0 / p["s0"] ** 2 + 1.0 / p["sy"] ** 2))))
+    return px.smc.SMC(model, 4)
+
+
+GENERATIVE_FUNCTIONS.append(
+    GenFnCase("smc/one-step-exact-proposal", _smc_one_step,
+              {"s0": jnp.asarray(_SMC_S0), "sy": jnp.asarray(_SMC_SY)},
+              (jnp.array([_SMC_Y]),), exact=False,
+              moments=((lambda c: c["x"][0], _SMC_POSTERIOR_MEAN),
+                       (lambda c: c["x"][0] ** 2,
+                        _SMC_POSTERIOR_MEAN**2 + _SMC_POSTERIOR_VAR))))
+
+
 # ---------------------------------------------------------------------------- objectives
 
 
