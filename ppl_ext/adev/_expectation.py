@@ -79,8 +79,9 @@ def _first_order_only_jvp(primals, tangents):
         "a second derivative of an expectation estimate was requested (e.g. jax.hessian, "
         "or jax.grad of a function that calls f.grad). ppl_ext's estimators are first "
         "order: differentiating a gradient estimate does not give an unbiased estimate of "
-        "the second derivative. Estimate Hessian-vector products with an expectation "
-        "program that computes them (e.g. a score-function identity) instead."
+        "the second derivative. Use f.hvp(key, *args, v=v) for an unbiased "
+        "Hessian-vector product estimate (second-order estimator, checked), or an "
+        "expectation program that computes them (e.g. a score-function identity)."
     )
 
 
@@ -161,7 +162,8 @@ class Expectation:
     its value, with its own gradient estimator.
 
     Estimators are first-order: second derivatives of an estimate are not estimates of
-    second derivatives.
+    second derivatives (`jax.hessian` of an estimate raises `px.SecondOrderError`);
+    `hvp` estimates Hessian-vector products with a second-order estimator.
     """
 
     def __init__(self, fn: Callable):
@@ -293,6 +295,36 @@ class Expectation:
         if spec is None:
             return self._checked(*self._value_and_grad_plain(argnums, key, *args, **kwargs))
         return self._checked(*self._value_and_grad(argnums, spec, key, arrays))
+
+    def hvp(self, key, *args, v, argnums: int = 1, **kwargs):
+        """Unbiased estimate of the Hessian-vector product `∇² E[P(*args)] · v` (jitted).
+
+        The Hessian is taken with respect to the one argument at position `argnums`
+        (counted as in `grad`: the key is 0, the default 1 is the argument right after
+        it); `v` is a pytree of that argument's structure and shapes, and so is the
+        result. The estimate is the forward-over-reverse product of the magic-box (DiCE)
+        surrogate `y · exp(L - sg(L))` (`L` the score sites' log densities), unbiased for
+        programs with `px.reparam` and `px.reinforce` sites whose pathwise part is twice
+        continuously differentiable; anything else (`abs`, `relu`, `max`, `clip`, a
+        `where` on a moving value, `px.enum`, `px.mvd`, `px.LeaveOneOut`, nested
+        expectations, sites inside `while_loop` or `cond`, ...) raises
+        `px.SecondOrderError` naming the primitive or site (see `ppl_ext/adev/_hvp.py`),
+        and so does differentiating the result (a third derivative). Run-time parameter
+        checks are not made by `.hvp`.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, ppl_ext as px, numpyro.distributions as dist
+            >>> @px.expectation
+            ... def f(theta):  # E = (theta - 1)**4 + 6 (theta - 1)**2 + 3
+            ...     return (px.sample(dist.Normal(theta, 1.0)) - 1.0) ** 4
+            >>> keys = jax.random.split(jax.random.key(0), 20000)
+            >>> hv = jax.vmap(lambda k: f.hvp(k, 0.0, v=1.0))(keys)
+            >>> abs(float(hv.mean()) - (12 * 1.0 + 12)) < 1.0
+            True
+        """
+        from ._hvp import hvp
+
+        return hvp(self, key, args, kwargs, v, argnums)
 
 
 def _check_argnums(argnums, num_args: int) -> int | tuple[int, ...]:
