@@ -7,6 +7,8 @@
   in any dimensions (`linear_gaussian_params(state_dim, observation_dim)`).
 - `stochastic_volatility`: `x_0 ~ N(μ, σ²/(1-ρ²))`, `x_t - μ = ρ (x_{t-1} - μ) + σ U_t`,
   `y_t ~ N(0, exp(x_t))` (the `StochVol` model of `particles`, same defaults).
+  `stochastic_volatility_unconstrained` is the same model with parameters
+  `(mu, atanh_rho, log_sigma)`, valid for every real value (for `px.smc.fisher_objective`).
 - `poisson_count`: `x_0 ~ N(μ, σ²/(1-φ²))`, `x_t - μ = φ (x_{t-1} - μ) + σ U_t`,
   `y_t ~ Poisson(exp(x_t))`.
 
@@ -137,6 +139,34 @@ stochastic_volatility = StateSpaceModel(
     initial=lambda params, inputs: _ar1_initial(params, inputs),
     transition=lambda params, x, t, inputs: _ar1_transition(params, x),
     observation=lambda params, x, t, inputs: dist.Normal(0.0, jnp.exp(0.5 * x)))
+
+
+def _sv_constrained(params):
+    """`(μ, ρ, σ)` from the unconstrained `(mu, atanh_rho, log_sigma)`."""
+    return params["mu"], jnp.tanh(params["atanh_rho"]), jnp.exp(params["log_sigma"])
+
+
+def _sv_unconstrained_initial(params, inputs):
+    mu, rho, sigma = _sv_constrained(params)
+    return dist.Normal(mu, sigma / jnp.sqrt(1.0 - rho**2))
+
+
+def _sv_unconstrained_transition(params, x, t, inputs):
+    mu, rho, sigma = _sv_constrained(params)
+    return dist.Normal(mu + rho * (x - mu), sigma)
+
+
+#: `stochastic_volatility` with unconstrained parameters `mu`, `atanh_rho = atanh(ρ)` and
+#: `log_sigma = log σ`, so that every real value is valid (for gradient-based learning)
+stochastic_volatility_unconstrained = StateSpaceModel(
+    initial=_sv_unconstrained_initial, transition=_sv_unconstrained_transition,
+    observation=lambda params, x, t, inputs: dist.Normal(0.0, jnp.exp(0.5 * x)))
+
+
+def stochastic_volatility_to_unconstrained(params: dict) -> dict:
+    """`{"mu", "atanh_rho", "log_sigma"}` from `{"mu", "rho", "sigma"}` (with |ρ| < 1, σ > 0)."""
+    return {"mu": jnp.asarray(params["mu"]), "atanh_rho": jnp.arctanh(params["rho"]),
+            "log_sigma": jnp.log(params["sigma"])}
 
 
 # ------------------------------------------------------------------ Poisson counts
