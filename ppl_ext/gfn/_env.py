@@ -103,9 +103,47 @@ class AbstractEnvironment(eqx.Module):
     def log_reward(self, state: jax.Array) -> jax.Array:
         """`log R(x)` of a terminal state `x` (a scalar)."""
 
+    def log_energy(self, state: jax.Array) -> jax.Array:
+        """The intermediate energy `E(s)` of forward-looking objectives (a scalar).
+
+        Forward-looking (FL) GFlowNets (Pan et al. 2023, "Better training of GFlowNets
+        with local credit and incomplete trajectories") write the state flow as
+        `log F(s) = log F̃(s) − E(s)` and learn only `F̃`. `E` is in log-reward units
+        (despite the name, it is an energy, not its logarithm) and must satisfy
+        `E(x) = −log R(x)` at every terminal state `x` (checked by the conformance tests);
+        elsewhere any finite choice is valid, and a good one carries partial credit.
+
+        The default raises `NotImplementedError`: an environment opts in by overriding it.
+
+        Args:
+            state: one state.
+
+        Returns:
+            `E(state)`, a float scalar.
+
+        Raises:
+            NotImplementedError: the environment defines no intermediate energy.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no intermediate energy log_energy(state), which "
+            f"forward-looking objectives need; override log_energy in the environment or use "
+            f"an objective that does not need it (e.g. trajectory_balance).")
+
     @abc.abstractmethod
     def encode(self, state: jax.Array) -> jax.Array:
         """A float vector `(encoding_size,)` describing `state` for a policy network."""
+
+    def log_partition(self) -> jax.Array:
+        """The exact `log Z = log Σ_x R(x)` over the terminal states (a scalar).
+
+        The default enumerates `all_states()` (the states where exit is valid);
+        environments with a closed form or a cheaper DP override it, so `log Z` stays
+        exact where the states cannot be enumerated.
+        """
+        states = self.all_states()
+        can_exit = jax.vmap(self.forward_mask)(states)[:, self.exit_action]
+        return jax.nn.logsumexp(jnp.where(can_exit, jax.vmap(self.log_reward)(states),
+                                          -jnp.inf))
 
     @abc.abstractmethod
     def all_states(self) -> jax.Array:
@@ -235,6 +273,11 @@ class Hypergrid(AbstractEnvironment):
         ring = jnp.all((5 * distance > 3 * h1) & (5 * distance <= 4 * h1))  # 0.3 < a_d <= 0.4
         reward = self.r0 + self.r1 * outer + self.r2 * ring
         return jnp.log(jnp.asarray(reward, dtype=jnp.result_type(float)))
+
+    def log_energy(self, state: jax.Array) -> jax.Array:
+        """`E(s) = −log R(s)`: every hypergrid state can exit, so every state is terminal
+        and the FL constraint `E(x) = −log R(x)` fixes `E` everywhere."""
+        return -self.log_reward(state)
 
     def encode(self, state: jax.Array) -> jax.Array:
         """One-hot per coordinate, `(D · H,)` floats."""

@@ -1,10 +1,18 @@
-"""Trajectory sampling and the balance objectives (trajectory and detailed balance).
+"""Trajectory sampling and the balance objectives: trajectory, detailed and sub-trajectory
+balance, their forward-looking variants, flow matching and the log-partition variance.
+
+Flow-based objectives share one convention: along a trajectory that takes `L` actions
+(the exit included), the flows are `log F(s0) = params["log_z"]`, the learned
+`log F(s_t)` for `0 < t < L` (forward-looking: `log F̃(s_t) − E(s_t)/T`) and, after the
+exit, the sink's `log R(x)/T`; every residual is written with these, so each objective is
+exactly zero at the balanced flows under any sampling (on- or off-policy, replayed).
 
 A batch of trajectories is a `lax.scan` of `env.max_length` steps, vmapped over the
 batch; a trajectory that has exited stays where it is and its later steps are masked out.
 Actions are drawn by inverse CDF from one uniform number per step, so the objectives are
 `px.expectation` programs with a single sample site (the uniforms, which do not depend
-on the parameters). The sampled trajectory is therefore never differentiated: gradients
+on the parameters; replay adds two more of the same kind: the buffer picks and the
+backward moves). The sampled trajectory is therefore never differentiated: gradients
 flow through the log-probabilities of the sampled actions only, the usual on-policy
 (and off-policy, with exploration) balance-objective gradient.
 """
@@ -138,37 +146,221 @@ def _sample_trajectories(key, policy, params, num_samples, exploration):
     return _batch(policy, params, uniforms, exploration)
 
 
-def _uniforms(policy, num_samples):
-    """The objectives' one sample site: uniforms driving the inverse-CDF action draws.
+def _backward_rollout(policy: AbstractPolicy, params, terminal: jax.Array,
+                      uniforms: jax.Array) -> Trajectories:
+    """One trajectory sampled backward from `terminal` with `P_B`, in forward order.
 
-    Its distribution does not depend on the parameters, so its score term is zero and the
-    estimator adds nothing: the gradient is that of the loss with the trajectories held
+    Driven by `uniforms` `(max_length - 1,)` (inverse-CDF draws of backward actions, from
+    stop-gradient probabilities). The forward action undoing each backward move is found
+    among the parent's valid forward actions by comparing children, so any environment
+    obeying the protocol identity `backward_step(step(s, a), ...) == s` works.
+    """
+    env = policy.env
+    num_moves = env.max_length - 1
+    exit_action = env.exit_action
+
+    def body(carry, uniform):
+        state, done = carry
+        mask = env.backward_mask(state)
+        done = done | ~jnp.any(mask)  # at s0: nothing left to undo
+        log_probs = policy.backward_log_probs(params, state)
+        probs = lax.stop_gradient(jnp.where(mask, jnp.exp(log_probs), 0.0))
+        backward = _categorical(probs + (~jnp.any(mask)), uniform)  # any index at s0
+        parent = env.backward_step(state, backward)
+        action = _forward_action(env, parent, state)
+        log_pf = policy.forward_log_probs(params, parent)[action]
+        active = ~done
+        out = (jnp.where(active, parent, state), action, active,
+               jnp.where(active, log_pf, 0.0), jnp.where(active, log_probs[backward], 0.0))
+        return (jnp.where(active, parent, state), done), out
+
+    init = (terminal, jnp.zeros((), bool))
+    _, (parents, actions, active, log_pf, log_pb) = lax.scan(body, init, uniforms)
+    exit_log_pf = policy.forward_log_probs(params, terminal)[exit_action]
+    # append one row (the exit from the terminal state) so the gather below is never empty
+    parents = jnp.concatenate([parents, terminal[None]], axis=0)
+    actions = jnp.concatenate([actions, jnp.full((1,), exit_action, jnp.int32)])
+    log_pf = jnp.concatenate([log_pf, exit_log_pf[None]])
+    log_pb = jnp.concatenate([log_pb, jnp.zeros((1,), log_pb.dtype)])
+    moves = jnp.sum(active)
+    steps = jnp.arange(num_moves + 1)
+    # forward step t < moves is backward move moves - 1 - t; step `moves` is the exit
+    index = jnp.where(steps < moves, moves - 1 - steps, num_moves)
+    is_move = steps < moves
+    states = jnp.where(jnp.reshape(steps <= moves, (-1,) + (1,) * terminal.ndim),
+                       parents[index], terminal[None])
+    states = jnp.concatenate([states, terminal[None]], axis=0)
+    return Trajectories(
+        states, jnp.where(is_move, actions[index], exit_action), steps <= moves,
+        jnp.where(steps <= moves, log_pf[index], 0.0), jnp.where(is_move, log_pb[index], 0.0),
+        terminal, env.log_reward(terminal))
+
+
+def _forward_action(env, parent: jax.Array, child: jax.Array) -> jax.Array:
+    """The valid non-exit forward action taking `parent` to `child` (0 if there is none)."""
+    actions = jnp.arange(env.num_actions, dtype=jnp.int32)
+    children = jax.vmap(lambda a: env.step(parent, a))(actions)
+    same = jnp.all(jnp.reshape(children == child[None], (env.num_actions, -1)), axis=1)
+    same = same & env.forward_mask(parent) & (actions != env.exit_action)
+    return jnp.argmax(same).astype(jnp.int32)
+
+
+def _uniforms(policy, num_samples, length=None, name="uniforms"):
+    """The objectives' sample sites: uniforms driving the inverse-CDF action draws.
+
+    Their distribution does not depend on the parameters, so their score term is zero and
+    the estimator adds nothing: the gradient is that of the loss with the trajectories held
     fixed. (A reparameterised site would be refused, rightly in general, because the
     actions are discontinuous functions of the uniforms.)
     """
-    shape = (num_samples, policy.env.max_length)
-    return sample(dist.Uniform(0.0, 1.0).expand(shape).to_event(2), reinforce,
-                  name="uniforms")
+    length = policy.env.max_length if length is None else length
+    return sample(dist.Uniform(0.0, 1.0).expand((num_samples, length)).to_event(2),
+                  reinforce, name=name)
 
 
+def _check_options(who, temperature, num_replay_samples):
+    temperature_ok = isinstance(temperature, (int, float, np.floating, np.integer)) \
+        and not isinstance(temperature, bool) and np.isfinite(temperature) and temperature > 0
+    if not temperature_ok:
+        raise ValueError(f"{who}: temperature must be a finite number > 0 (the reward is "
+                         f"R(x)^(1/temperature)), got {temperature!r}.")
+    if isinstance(num_replay_samples, bool) or not isinstance(
+            num_replay_samples, (int, np.integer)) or num_replay_samples < 0:
+        raise ValueError(f"{who}: num_replay_samples must be an int >= 0, got "
+                         f"{num_replay_samples!r}.")
+    return float(temperature), int(num_replay_samples)
+
+
+def _check_energy(env, who):
+    """Refuse, by name, an environment without an intermediate energy `log_energy`."""
+    try:
+        jax.eval_shape(env.log_energy, env.initial_state())
+    except NotImplementedError as error:
+        raise ValueError(
+            f"{who} is a forward-looking objective: it needs the environment's intermediate "
+            f"energy E(s) = env.log_energy(state), which {type(env).__name__} does not "
+            f"define. Override log_energy in the environment, or use the objective without "
+            f"'forward_looking' (detailed_balance, subtrajectory_balance).") from error
+
+
+def _draw(policy, params, num_samples, exploration, num_replay_samples, buffer, who):
+    """The batch an objective is computed on, and a `(batch,)` float mask of valid rows.
+
+    `num_samples` forward trajectories of the exploring policy, then (with a buffer)
+    `num_replay_samples` trajectories sampled backward with `P_B` from terminal states
+    drawn uniformly from the buffer; those rows are masked out while the buffer is empty.
+    """
+    batch = _batch(policy, params, _uniforms(policy, num_samples), exploration)
+    valid = jnp.ones((num_samples,), batch.log_reward.dtype)
+    if buffer is None:
+        if num_replay_samples:
+            raise ValueError(f"{who}: num_replay_samples={num_replay_samples} but no replay "
+                             f"buffer was passed; call loss(key, params, buffer) or train "
+                             f"with px.gfn.ReplayBackend.")
+        return batch, valid
+    from ._training import ReplayBuffer
+
+    if not isinstance(buffer, ReplayBuffer):
+        raise TypeError(f"{who}: the third argument is a px.gfn.ReplayBuffer, got "
+                        f"{type(buffer).__name__}.")
+    if num_replay_samples == 0:
+        raise ValueError(f"{who}: a replay buffer was passed but num_replay_samples is 0; "
+                         f"build the loss with num_replay_samples >= 1.")
+    env = policy.env
+    picks = _uniforms(policy, num_replay_samples, 1, name="replay_picks")[:, 0]
+    moves = _uniforms(policy, num_replay_samples, max(env.max_length - 1, 1),
+                      name="replay_moves")[:, : env.max_length - 1]
+    index = jnp.minimum(jnp.floor(picks * buffer.size).astype(jnp.int32),
+                        jnp.maximum(buffer.size - 1, 0))
+    terminals = buffer.states[index]
+    replayed = jax.vmap(lambda x, u: _backward_rollout(policy, params, x, u))(terminals, moves)
+    batch = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), batch, replayed)
+    valid = jnp.concatenate([valid, jnp.full((num_replay_samples,), buffer.size > 0,
+                                             valid.dtype)])
+    # rows of an empty buffer (s0 placeholders, maybe not terminal) carry no terms at all
+    row = valid > 0
+    batch = batch._replace(
+        active=batch.active & row[:, None],
+        log_pf=jnp.where(row[:, None], batch.log_pf, 0.0),
+        log_pb=jnp.where(row[:, None], batch.log_pb, 0.0),
+        log_reward=jnp.where(row, batch.log_reward, 0.0))
+    return batch, valid
+
+
+def _state_flows(policy, params, batch, log_reward, energy):
+    """`(batch, max_length + 1)` log flows along each trajectory, the sink included.
+
+    Position 0 is `log F(s0) = params["log_z"]`; positions `1 .. L - 1` (L: the steps taken,
+    exit included) the learned `log F(s_t)` (minus `E(s_t)` when `energy` is given: the
+    forward-looking parametrisation); positions `L ..` the sink after the exit, whose
+    flow is the (tempered) reward, `log R(x)`.
+    """
+    learned = jax.vmap(jax.vmap(lambda s: policy.log_flow(params, s)))(batch.states)
+    if energy is not None:
+        learned = learned - jax.vmap(jax.vmap(energy))(batch.states)
+    steps = jnp.arange(batch.states.shape[1])
+    length = jnp.sum(batch.active, axis=-1, keepdims=True)
+    flows = jnp.where(steps == 0, params["log_z"], learned)
+    return jnp.where(steps >= length, log_reward[:, None], flows)
+
+
+def _weighted_mean(values, weights):
+    return jnp.sum(weights * values) / jnp.sum(weights)
+
+
+def _common(policy, num_samples, exploration, temperature, num_replay_samples, who):
+    _check_common(policy, num_samples, exploration, who)
+    temperature, num_replay_samples = _check_options(who, temperature, num_replay_samples)
+    return float(exploration), temperature, num_replay_samples
+
+
+_OPTIONS_DOC = """
+        num_samples: forward trajectories per estimate (the batch size).
+        exploration: ε in [0, 1]: actions are drawn from `(1 − ε) P_F + ε U(valid)`.
+        temperature: T > 0: the objective targets `R(x)^(1/T)` (log rewards divided by T).
+        num_replay_samples: trajectories drawn backward, with `P_B`, from terminal states
+            picked uniformly in a `ReplayBuffer` passed as `loss(key, params, buffer)`
+            (`ReplayBackend` does this inside `px.fit`); 0 (default) for none."""
+
+_SUBTB_DOC = """
+        lamda: λ > 0, the geometric weight of a sub-trajectory of length k, `λ^k`
+            (torchgfn's default 0.9; λ → 0 approaches detailed balance, large λ
+            trajectory balance).
+        weighting: `"geometric_within"` (Madan et al.: per trajectory,
+            `Σ_{i<j} λ^{j−i} r_ij² / Σ_{i<j} λ^{j−i}`, then the batch mean) or
+            `"geometric"` (torchgfn: the mean of `r²` over the batch's sub-trajectories of
+            each length k, combined with weights `λ^(k−1)` normalised over the lengths
+            present)."""
+
+
+def _documented(fn):
+    """Fill the shared argument descriptions into a docstring's placeholders."""
+    fn.__doc__ = fn.__doc__.replace("{options}", _OPTIONS_DOC).replace("{subtb}", _SUBTB_DOC)
+    return fn
+
+
+
+@_documented
 def trajectory_balance(policy: AbstractPolicy, num_samples: int = 128,
-                       exploration: float = 0.0) -> Expectation:
-    """The trajectory-balance loss as an expectation program `loss(key, params)`.
+                       exploration: float = 0.0, temperature: float = 1.0,
+                       num_replay_samples: int = 0) -> Expectation:
+    """The trajectory-balance loss as an expectation program `loss(key, params[, buffer])`.
 
     For trajectories `τ = (s0 → ... → x)` drawn from the (exploring) forward policy,
 
         L(θ) = mean over the batch of (log Z + Σ_t log P_F(s_{t+1}|s_t) − log R(x)
                                         − Σ_t log P_B(s_t|s_{t+1}))²,
 
-    with the trajectories held fixed (not differentiated). On-policy, its expected
-    gradient in the forward policy is the score-function gradient of KL(P_F ‖ P_B R / Z)
-    with log Z acting as a baseline (Malkin et al. 2022).
+    with the trajectories held fixed (not differentiated). On-policy (`exploration = 0`,
+    no replay), its expected gradient in the forward policy is the score-function
+    gradient of KL(P_F ‖ P_B R / Z) with log Z acting as a baseline (Malkin et al. 2022).
+    Off-policy (exploration or replayed trajectories) it is still a valid balance loss,
+    zero exactly at the balanced policy and log Z, but its gradient is no longer that of
+    the KL: it is the gradient of the squared residual under the behaviour distribution.
 
     Args:
         policy: an `AbstractPolicy`; `params` must hold `"forward"` and `"log_z"` (and
-            `"backward"` for a learned backward policy).
-        num_samples: trajectories per estimate (the batch size).
-        exploration: ε-uniform exploration in [0, 1].
+            `"backward"` for a learned backward policy).{options}
 
     Returns:
         A `px.Expectation`; minimise it with
@@ -191,21 +383,35 @@ def trajectory_balance(policy: AbstractPolicy, num_samples: int = 128,
     Reference: Malkin, Jain, Bengio, Sun, Bengio (2022), "Trajectory balance: improved
     credit assignment in GFlowNets".
     """
-    _check_common(policy, num_samples, exploration, "trajectory_balance")
-    exploration = float(exploration)
+    who = "trajectory_balance"
+    exploration, temperature, num_replay = _common(policy, num_samples, exploration,
+                                                   temperature, num_replay_samples, who)
 
-    def trajectory_balance_loss(params):
-        batch = _batch(policy, params, _uniforms(policy, num_samples), exploration)
-        residual = (params["log_z"] + jnp.sum(batch.log_pf, -1) - batch.log_reward
+    def trajectory_balance_loss(params, buffer=None):
+        batch, valid = _draw(policy, params, num_samples, exploration, num_replay, buffer, who)
+        residual = (params["log_z"] + jnp.sum(batch.log_pf, -1) - batch.log_reward / temperature
                     - jnp.sum(batch.log_pb, -1))
-        return jnp.mean(residual**2)
+        return _weighted_mean(residual**2, valid)
 
     return expectation(trajectory_balance_loss)
 
 
+def _detailed(policy, who, num_samples, exploration, temperature, num_replay, energy):
+    def loss(params, buffer=None):
+        batch, valid = _draw(policy, params, num_samples, exploration, num_replay, buffer, who)
+        flows = _state_flows(policy, params, batch, batch.log_reward / temperature, energy)
+        residual = flows[:, :-1] + batch.log_pf - flows[:, 1:] - batch.log_pb
+        weights = valid[:, None] * batch.active
+        return _weighted_mean(jnp.where(batch.active, residual, 0.0)**2, weights)
+
+    return loss
+
+
+@_documented
 def detailed_balance(policy: AbstractPolicy, num_samples: int = 128,
-                     exploration: float = 0.0) -> Expectation:
-    """The detailed-balance loss as an expectation program `loss(key, params)`.
+                     exploration: float = 0.0, temperature: float = 1.0,
+                     num_replay_samples: int = 0) -> Expectation:
+    """The detailed-balance loss as an expectation program `loss(key, params[, buffer])`.
 
     For every transition `s → s'` of sampled trajectories,
     `(log F(s) + log P_F(s'|s) − log F(s') − log P_B(s|s'))²`, and for the exit from a
@@ -213,12 +419,10 @@ def detailed_balance(policy: AbstractPolicy, num_samples: int = 128,
     where every state may be terminal); averaged over all transitions of the batch.
     `log F(s0)` is `params["log_z"]`, other flows are the `params["log_flow"]` head
     (`policy.init(key, log_flow=True)`). Trajectories are held fixed, as in
-    `trajectory_balance`.
+    `trajectory_balance`; the loss is valid off-policy.
 
     Args:
-        policy: an `AbstractPolicy` with a state-flow head.
-        num_samples: trajectories per estimate.
-        exploration: ε-uniform exploration in [0, 1].
+        policy: an `AbstractPolicy` with a state-flow head.{options}
 
     Returns:
         A `px.Expectation` to minimise with `px.fit(..., maximize=False)`.
@@ -234,21 +438,340 @@ def detailed_balance(policy: AbstractPolicy, num_samples: int = 128,
 
     Reference: Bengio, Lahlou, Deleu, Hu, Tiwari, Bengio (2023), "GFlowNet foundations".
     """
-    _check_common(policy, num_samples, exploration, "detailed_balance")
-    exploration = float(exploration)
+    who = "detailed_balance"
+    exploration, temperature, num_replay = _common(policy, num_samples, exploration,
+                                                   temperature, num_replay_samples, who)
+    loss = _detailed(policy, who, num_samples, exploration, temperature, num_replay, None)
+    loss.__name__ = loss.__qualname__ = "detailed_balance_loss"
+    return expectation(loss)
+
+
+@_documented
+def forward_looking_detailed_balance(policy: AbstractPolicy, num_samples: int = 128,
+                                     exploration: float = 0.0, temperature: float = 1.0,
+                                     num_replay_samples: int = 0) -> Expectation:
+    """Forward-looking detailed balance (FL-DB), `loss(key, params[, buffer])`.
+
+    The state flow is written `log F(s) = log F̃(s) − E(s)/T` with the environment's
+    intermediate energy `E(s) = env.log_energy(s)` (`E(x) = −log R(x)` at terminal
+    states) and only `log F̃` learned (the `params["log_flow"]` head). Detailed balance
+    then reads, for a move `s → s'`,
+
+        (log F̃(s) + log P_F(s'|s) − log F̃(s') − log P_B(s|s') + (E(s') − E(s))/T)²,
+
+    so each transition receives the energy difference as local credit; the exit from `x`
+    is `(log F̃(x) + log P_F(exit|x))²` (the sink's flow is `R(x)`, i.e. `F̃(sink) = 1`),
+    and `log F(s0) = params["log_z"]` as in `detailed_balance`. Off-policy valid.
+
+    Args:
+        policy: an `AbstractPolicy` with a state-flow head, on an environment that
+            defines `log_energy`.{options}
+
+    Returns:
+        A `px.Expectation` to minimise.
+
+    Raises:
+        ValueError: the environment defines no `log_energy`.
+
+    Example:
+        >>> import jax
+        >>> from ppl_ext.gfn import Hypergrid, MLPPolicy, forward_looking_detailed_balance
+        >>> policy = MLPPolicy(Hypergrid(dimension=2, side=4), hidden_sizes=(8,))
+        >>> params = policy.init(jax.random.key(0), log_flow=True)
+        >>> loss = forward_looking_detailed_balance(policy, num_samples=4)
+        >>> bool(loss(jax.random.key(1), params) >= 0)
+        True
+
+    Reference: Pan, Malkin, Zhang, Bengio (2023), "Better training of GFlowNets with local
+    credit and incomplete trajectories" (ICML), eq. for FL-DB; code: ling-pan/FL-GFN.
+    """
+    who = "forward_looking_detailed_balance"
+    exploration, temperature, num_replay = _common(policy, num_samples, exploration,
+                                                   temperature, num_replay_samples, who)
+    _check_energy(policy.env, who)
     env = policy.env
 
-    def detailed_balance_loss(params):
-        batch = _batch(policy, params, _uniforms(policy, num_samples), exploration)
-        flows = jax.vmap(jax.vmap(lambda s: policy.log_flow(params, s)))(batch.states)
-        steps = jnp.arange(env.max_length + 1)
-        flows = jnp.where(steps == 0, params["log_z"], flows)  # log F(s0) = log Z
-        is_exit = batch.actions == env.exit_action
-        # the exit's target is log R(x); a move's is log F(s') + log P_B(s | s')
-        target = jnp.where(is_exit, batch.log_reward[:, None],
-                           flows[:, 1:] + batch.log_pb)
-        residual = flows[:, :-1] + batch.log_pf - target
-        squares = jnp.where(batch.active, residual**2, 0.0)
-        return jnp.sum(squares) / jnp.sum(batch.active)
+    def energy(state):
+        return env.log_energy(state) / temperature
 
-    return expectation(detailed_balance_loss)
+    loss = _detailed(policy, who, num_samples, exploration, temperature, num_replay, energy)
+    loss.__name__ = loss.__qualname__ = "forward_looking_detailed_balance_loss"
+    return expectation(loss)
+
+
+_WEIGHTINGS = ("geometric_within", "geometric")
+
+
+def _check_subtb(who, lamda, weighting):
+    if isinstance(lamda, bool) or not isinstance(lamda, (int, float, np.floating, np.integer)) \
+            or not np.isfinite(lamda) or lamda <= 0:
+        raise ValueError(f"{who}: lamda (λ) must be a finite number > 0, got {lamda!r}.")
+    if weighting not in _WEIGHTINGS:
+        raise ValueError(f"{who}: unknown weighting {weighting!r}; choose one of "
+                         f"{', '.join(map(repr, _WEIGHTINGS))}.")
+    return float(lamda)
+
+
+def _subtrajectory(policy, who, num_samples, exploration, temperature, num_replay, lamda,
+                   weighting, energy):
+    log_lamda = float(np.log(lamda))
+
+    def loss(params, buffer=None):
+        batch, valid = _draw(policy, params, num_samples, exploration, num_replay, buffer, who)
+        flows = _state_flows(policy, params, batch, batch.log_reward / temperature, energy)
+        increments = batch.log_pf - batch.log_pb
+        cumulative = jnp.concatenate([jnp.zeros_like(increments[:, :1]),
+                                      jnp.cumsum(increments, axis=-1)], axis=-1)
+        anchored = flows - cumulative  # residual(i, j) = anchored_i − anchored_j
+        residual = anchored[:, :, None] - anchored[:, None, :]
+        positions = jnp.arange(flows.shape[1])
+        span = positions[None, :] - positions[:, None]  # j − i
+        length = jnp.sum(batch.active, axis=-1)
+        pairs = (span[None] > 0) & (positions[None, None, :] <= length[:, None, None])
+        pairs = pairs & (valid[:, None, None] > 0)
+        squares = jnp.where(pairs, residual, 0.0) ** 2
+        if weighting == "geometric_within":
+            # Σ_{i<j} λ^{j−i} r_ij² / Σ_{i<j} λ^{j−i} per trajectory, then the batch mean;
+            # the weights (parameter-free) are scaled by their largest, so no overflow
+            log_weights = span[None] * log_lamda
+            top = jnp.max(jnp.where(pairs, log_weights, -1e30), axis=(1, 2), keepdims=True)
+            weights = jnp.where(pairs, jnp.exp(jnp.where(pairs, log_weights - top, 0.0)), 0.0)
+            total = jnp.sum(weights, (1, 2))
+            per = jnp.sum(weights * squares, (1, 2)) / jnp.where(total > 0, total, 1.0)
+            return _weighted_mean(per, valid)
+        # "geometric": mean of r² over all sub-trajectories of each length k in the batch,
+        # combined with weights λ^(k−1) normalised over the lengths present (torchgfn)
+        lengths = jnp.arange(1, flows.shape[1])
+        of_length = pairs[None] & (span[None, None] == lengths[:, None, None, None])
+        counts = jnp.sum(of_length, axis=(1, 2, 3))
+        means = jnp.sum(jnp.where(of_length, squares[None], 0.0), axis=(1, 2, 3)) \
+            / jnp.maximum(counts, 1)
+        log_w = jnp.where(counts > 0, (lengths - 1) * log_lamda, -jnp.inf)
+        return jnp.sum(jax.nn.softmax(log_w) * means)
+
+    return loss
+
+
+
+
+
+@_documented
+def subtrajectory_balance(policy: AbstractPolicy, num_samples: int = 128,
+                          lamda: float = 0.9, weighting: str = "geometric_within",
+                          exploration: float = 0.0, temperature: float = 1.0,
+                          num_replay_samples: int = 0) -> Expectation:
+    """Sub-trajectory balance (SubTB(λ)), `loss(key, params[, buffer])`.
+
+    With the flows along a trajectory `F_0 = Z, F_1, ..., F_{L−1}` (the learned
+    `params["log_flow"]`) and `F_L = R(x)` (the sink after the exit), every
+    sub-trajectory `i < j ≤ L` has the residual
+
+        r_ij = log F_i + Σ_{t=i}^{j−1} (log P_F(s_{t+1}|s_t) − log P_B(s_t|s_{t+1})) − log F_j,
+
+    (`r_{i,i+1}` is detailed balance, `r_{0,L}` trajectory balance), combined with geometric
+    weights in λ. Trajectories are held fixed; off-policy valid.
+
+    Args:
+        policy: an `AbstractPolicy` with a state-flow head.{options}{subtb}
+
+    Returns:
+        A `px.Expectation` to minimise.
+
+    Example:
+        >>> import jax
+        >>> from ppl_ext.gfn import Hypergrid, MLPPolicy, subtrajectory_balance
+        >>> policy = MLPPolicy(Hypergrid(dimension=2, side=4), hidden_sizes=(8,))
+        >>> params = policy.init(jax.random.key(0), log_flow=True)
+        >>> loss = subtrajectory_balance(policy, num_samples=4, lamda=0.9)
+        >>> bool(loss(jax.random.key(1), params) >= 0)
+        True
+
+    Reference: Madan, Rector-Brooks, Korablyov, Bengio, Jain, Nica, Bosc, Bengio, Malkin
+    (2023), "Learning GFlowNets from partial episodes for improved convergence and
+    stability" (ICML); torchgfn's `SubTBGFlowNet`.
+    """
+    who = "subtrajectory_balance"
+    exploration, temperature, num_replay = _common(policy, num_samples, exploration,
+                                                   temperature, num_replay_samples, who)
+    lamda = _check_subtb(who, lamda, weighting)
+    loss = _subtrajectory(policy, who, num_samples, exploration, temperature, num_replay,
+                          lamda, weighting, None)
+    loss.__name__ = loss.__qualname__ = "subtrajectory_balance_loss"
+    return expectation(loss)
+
+
+@_documented
+def forward_looking_subtrajectory_balance(
+        policy: AbstractPolicy, num_samples: int = 128, lamda: float = 0.9,
+        weighting: str = "geometric_within", exploration: float = 0.0,
+        temperature: float = 1.0, num_replay_samples: int = 0) -> Expectation:
+    """Forward-looking sub-trajectory balance (FL-SubTB), `loss(key, params[, buffer])`.
+
+    `subtrajectory_balance` with the forward-looking flow `log F(s) = log F̃(s) − E(s)/T`
+    (see `forward_looking_detailed_balance`): `r_ij` gains the energy difference
+    `(E(s_j) − E(s_i))/T`, with `F_0 = Z` and `F_L = R(x)` pinned. Off-policy valid.
+
+    Args:
+        policy: an `AbstractPolicy` with a state-flow head, on an environment that
+            defines `log_energy`.{options}{subtb}
+
+    Returns:
+        A `px.Expectation` to minimise.
+
+    Raises:
+        ValueError: the environment defines no `log_energy`, λ ≤ 0 or an unknown weighting.
+
+    Example:
+        >>> import jax
+        >>> from ppl_ext.gfn import Hypergrid, MLPPolicy
+        >>> from ppl_ext.gfn import forward_looking_subtrajectory_balance as fl_subtb
+        >>> policy = MLPPolicy(Hypergrid(dimension=2, side=4), hidden_sizes=(8,))
+        >>> params = policy.init(jax.random.key(0), log_flow=True)
+        >>> bool(fl_subtb(policy, num_samples=4)(jax.random.key(1), params) >= 0)
+        True
+
+    Reference: Pan, Malkin, Zhang, Bengio (2023), "Better training of GFlowNets with local
+    credit and incomplete trajectories" (ICML).
+    """
+    who = "forward_looking_subtrajectory_balance"
+    exploration, temperature, num_replay = _common(policy, num_samples, exploration,
+                                                   temperature, num_replay_samples, who)
+    lamda = _check_subtb(who, lamda, weighting)
+    _check_energy(policy.env, who)
+    env = policy.env
+
+    def energy(state):
+        return env.log_energy(state) / temperature
+
+    loss = _subtrajectory(policy, who, num_samples, exploration, temperature, num_replay,
+                          lamda, weighting, energy)
+    loss.__name__ = loss.__qualname__ = "forward_looking_subtrajectory_balance_loss"
+    return expectation(loss)
+
+
+def _masked_logsumexp(values, mask):
+    """logsumexp over `mask`; a finite stand-in where nothing is valid (then masked)."""
+    return jax.nn.logsumexp(jnp.where(mask, values, -1e30), axis=-1)
+
+
+@_documented
+def flow_matching(policy: AbstractPolicy, num_samples: int = 128, exploration: float = 0.0,
+                  temperature: float = 1.0, num_replay_samples: int = 0) -> Expectation:
+    """The flow-matching loss (Bengio et al. 2021), `loss(key, params[, buffer])`.
+
+    Edge flows are the policy's forward logits, `log F(s → a) = forward_logits(s)[a]`
+    (so `P_F = softmax` of them is the flow's own forward policy). At every visited state
+    `s ≠ s0`, inflow must equal outflow (the exit edge included),
+
+        (log Σ_{(p, a) → s} F(p → a) − log Σ_{a valid at s} F(s → a))²,
+
+    averaged over the visited states, plus the reward-matching term
+    `(log F(x → exit) − log R(x))²` averaged over the terminal states (torchgfn's
+    `FMGFlowNet` with α = 1). Parents are found with `backward_mask` / `backward_step`.
+    Trajectories are held fixed; the loss is valid off-policy. `params["log_z"]` is not
+    used (the learned `Z` is the outflow of `s0`).
+
+    Args:
+        policy: an `AbstractPolicy` implementing `forward_logits`.{options}
+
+    Returns:
+        A `px.Expectation` to minimise.
+
+    Example:
+        >>> import jax
+        >>> from ppl_ext.gfn import Hypergrid, TabularPolicy, flow_matching
+        >>> policy = TabularPolicy(Hypergrid(dimension=2, side=4))
+        >>> params = policy.init(jax.random.key(0))
+        >>> bool(flow_matching(policy, num_samples=4)(jax.random.key(1), params) >= 0)
+        True
+
+    Reference: Bengio, Jain, Korablyov, Precup, Bengio (2021), "Flow network based
+    generative models for non-iterative diverse candidate generation"; Bengio et al.
+    (2023), "GFlowNet foundations".
+    """
+    who = "flow_matching"
+    exploration, temperature, num_replay = _common(policy, num_samples, exploration,
+                                                   temperature, num_replay_samples, who)
+    env = policy.env
+    backward_actions = jnp.arange(env.num_backward_actions, dtype=jnp.int32)
+
+    def inflow(params, state):
+        def edge(b):
+            parent = env.backward_step(state, b)
+            return policy.forward_logits(params, parent)[_forward_action(env, parent, state)]
+
+        return _masked_logsumexp(jax.vmap(edge)(backward_actions), env.backward_mask(state))
+
+    def outflow(params, state):
+        return _masked_logsumexp(policy.forward_logits(params, state), env.forward_mask(state))
+
+    def flow_matching_loss(params, buffer=None):
+        batch, valid = _draw(policy, params, num_samples, exploration, num_replay, buffer, who)
+        states = batch.states[:, 1:-1]  # s_1 .. s_{T-1}: s_t is visited where t < L
+        incoming = jax.vmap(jax.vmap(lambda s: inflow(params, s)))(states)
+        outgoing = jax.vmap(jax.vmap(lambda s: outflow(params, s)))(states)
+        visited = batch.active[:, 1:]
+        residual = jnp.where(visited, incoming - outgoing, 0.0)
+        weights = valid[:, None] * visited
+        matching = jnp.sum(weights * residual**2) / jnp.maximum(jnp.sum(weights), 1.0)
+        exit_flow = jax.vmap(lambda x: policy.forward_logits(params, x)[env.exit_action])(
+            batch.terminal_state)
+        reward = _weighted_mean((exit_flow - batch.log_reward / temperature) ** 2, valid)
+        return matching + reward
+
+    return expectation(flow_matching_loss)
+
+
+@_documented
+def log_partition_variance(policy: AbstractPolicy, num_samples: int = 128,
+                           exploration: float = 0.0, temperature: float = 1.0,
+                           num_replay_samples: int = 0) -> Expectation:
+    """The log-partition variance loss (VarGrad), `loss(key, params[, buffer])`.
+
+    Each trajectory gives a log-Z estimate `ζ(τ) = log R(x) + Σ_t log P_B − Σ_t log P_F`;
+    the loss is their unbiased sample variance over the batch (divisor `batch − 1`),
+
+        L(θ) = Σ_i (ζ_i − ζ̄)² / (B − 1),
+
+    whose expectation is `Var[ζ]` under the sampling distribution. It is trajectory
+    balance with log Z replaced by the batch mean, so no log Z is learned; it is zero iff
+    `P_F(τ) ∝ R(x) P_B(τ | x)` on the sampled support. Trajectories are held fixed; valid
+    off-policy. The mean `ζ̄` estimates `log Z` (biased low on-policy, by Jensen).
+
+    Args:
+        policy: an `AbstractPolicy`; `params` needs `"forward"` (and `"backward"` if
+            learned); `"log_z"` is unused.{options}
+
+    Returns:
+        A `px.Expectation` to minimise.
+
+    Raises:
+        ValueError: `num_samples < 2` (a variance needs two trajectories).
+
+    Example:
+        >>> import jax
+        >>> from ppl_ext.gfn import Hypergrid, MLPPolicy, log_partition_variance
+        >>> policy = MLPPolicy(Hypergrid(dimension=2, side=4), hidden_sizes=(8,))
+        >>> params = policy.init(jax.random.key(0))
+        >>> bool(log_partition_variance(policy, num_samples=4)(jax.random.key(1), params) > 0)
+        True
+
+    Reference: Zhang, Rector-Brooks, Bengio, Malkin et al. (2023), "Robust scheduling with
+    GFlowNets" (ICLR); Richter et al. (2020), "VarGrad".
+    """
+    who = "log_partition_variance"
+    exploration, temperature, num_replay = _common(policy, num_samples, exploration,
+                                                   temperature, num_replay_samples, who)
+    if num_samples < 2:
+        raise ValueError(f"{who}: num_samples must be >= 2 (a variance over the batch), got "
+                         f"{num_samples!r}.")
+
+    def log_partition_variance_loss(params, buffer=None):
+        batch, valid = _draw(policy, params, num_samples, exploration, num_replay, buffer, who)
+        estimates = (batch.log_reward / temperature + jnp.sum(batch.log_pb, -1)
+                     - jnp.sum(batch.log_pf, -1))
+        mean = _weighted_mean(estimates, valid)
+        deviations = jnp.where(valid > 0, estimates - mean, 0.0)
+        return jnp.sum(valid * deviations**2) / (jnp.sum(valid) - 1.0)
+
+    return expectation(log_partition_variance_loss)

@@ -63,6 +63,12 @@ class AbstractPolicy(eqx.Module):
         """`log F(s)`, the learned log state flow (needs `init(key, log_flow=True)`)."""
         raise NotImplementedError(f"{type(self).__name__} has no state-flow head.")
 
+    def forward_logits(self, params: dict, state: jax.Array) -> jax.Array:
+        """Unnormalised forward logits, `-inf` at invalid actions; `forward_log_probs` is
+        their log-softmax. Flow matching reads them as log edge flows `log F(s → s')`."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no forward logits (flow "
+                                  f"matching needs forward_logits).")
+
 
 class MLPPolicy(AbstractPolicy):
     """Multilayer perceptrons on `env.encode(state)`, as in torchgfn's hypergrid example.
@@ -142,3 +148,83 @@ class MLPPolicy(AbstractPolicy):
             raise KeyError("params has no 'log_flow' head: make them with "
                            "policy.init(key, log_flow=True).")
         return _mlp_apply(params["log_flow"], self.env.encode(state))[0]
+
+    def forward_logits(self, params: dict, state: jax.Array) -> jax.Array:
+        """The forward MLP's logits, `-inf` at invalid actions."""
+        logits = _mlp_apply(params["forward"], self.env.encode(state))
+        return jnp.where(self.env.forward_mask(state), logits, -jnp.inf)
+
+
+class TabularPolicy(AbstractPolicy):
+    """One free parameter per (state, action): tables indexed by `env.state_index`.
+
+    For enumerable environments. `params["forward"]`: `(num_states, num_actions)` logits
+    (masked log-softmax as in `MLPPolicy`); `params["backward"]` (when
+    `learned_backward`): `(num_states, num_backward_actions)` logits, otherwise the
+    backward policy is uniform over valid actions; `params["log_z"]`: a scalar;
+    `params["log_flow"]` (with `init(key, log_flow=True)`): `(num_states,)` log state
+    flows. Every table starts at zero (uniform policies), so `key` is unused; any
+    policy and flow on the environment is representable, which makes the exact optimum of
+    every balance objective reachable.
+
+    Args:
+        env: an enumerable environment (`all_states`, `state_index`).
+        learned_backward: learn the backward policy or keep it uniform (default).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from ppl_ext.gfn import Hypergrid, TabularPolicy
+        >>> policy = TabularPolicy(Hypergrid(dimension=2, side=3))
+        >>> params = policy.init(jax.random.key(0), log_flow=True)
+        >>> params["forward"].shape, params["log_flow"].shape
+        ((9, 3), (9,))
+        >>> round(float(jnp.exp(policy.forward_log_probs(params, jnp.array([0, 0])))[2]), 4)
+        0.3333
+    """
+
+    env: AbstractEnvironment
+    learned_backward: bool = eqx.field(static=True, default=False)
+
+    def __check_init__(self):
+        if not isinstance(self.env, AbstractEnvironment):
+            raise TypeError(f"TabularPolicy needs an AbstractEnvironment, got "
+                            f"{type(self.env).__name__}.")
+
+    def init(self, key: jax.Array, log_flow: bool = False) -> dict:
+        """Zero tables: `{"forward", "log_z"}`, plus `"backward"`, `"log_flow"` if asked."""
+        env = self.env
+        num_states = int(env.all_states().shape[0])
+        dtype = jnp.result_type(float)
+        params = {"forward": jnp.zeros((num_states, env.num_actions), dtype),
+                  "log_z": jnp.zeros((), dtype)}
+        if self.learned_backward:
+            params["backward"] = jnp.zeros((num_states, env.num_backward_actions), dtype)
+        if log_flow:
+            params["log_flow"] = jnp.zeros((num_states,), dtype)
+        return params
+
+    def forward_logits(self, params: dict, state: jax.Array) -> jax.Array:
+        """The row of `params["forward"]` of `state`, `-inf` at invalid actions."""
+        logits = params["forward"][self.env.state_index(state)]
+        return jnp.where(self.env.forward_mask(state), logits, -jnp.inf)
+
+    def forward_log_probs(self, params: dict, state: jax.Array) -> jax.Array:
+        """Masked log-softmax of the state's row of `params["forward"]`."""
+        logits = params["forward"][self.env.state_index(state)]
+        return _masked_log_softmax(logits, self.env.forward_mask(state))
+
+    def backward_log_probs(self, params: dict, state: jax.Array) -> jax.Array:
+        """Masked log-softmax of the state's row of `params["backward"]`, or uniform."""
+        mask = self.env.backward_mask(state)
+        if self.learned_backward:
+            logits = params["backward"][self.env.state_index(state)]
+        else:
+            logits = jnp.zeros(mask.shape, jnp.result_type(float))
+        return _masked_log_softmax(logits, mask)
+
+    def log_flow(self, params: dict, state: jax.Array) -> jax.Array:
+        """The state's entry of `params["log_flow"]`."""
+        if "log_flow" not in params:
+            raise KeyError("params has no 'log_flow' table: make them with "
+                           "policy.init(key, log_flow=True).")
+        return params["log_flow"][self.env.state_index(state)]

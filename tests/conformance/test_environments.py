@@ -49,10 +49,10 @@ def test_backward_step_undoes_step(case: EnvironmentCase):
 
 
 @CASES
-def test_every_state_is_reachable_and_can_exit(case: EnvironmentCase):
+def test_every_state_is_reachable_and_can_finish(case: EnvironmentCase):
     """Breadth-first search from the initial state over valid non-exit actions reaches
-    every enumerated state, and exit is valid in every state (every state is terminal
-    for some trajectory), within max_length steps."""
+    every enumerated state within max_length steps, and from every state some state
+    where exit is valid can be reached (no dead ends: every trajectory can terminate)."""
     env = case.build()
     states, masks = _all(env)
     start = int(env.state_index(env.initial_state()))
@@ -70,8 +70,53 @@ def test_every_state_is_reachable_and_can_exit(case: EnvironmentCase):
                     nxt.append(j)
         frontier = nxt
     assert len(depth) == states.shape[0]
-    assert np.all(masks[:, int(env.exit_action)])
     assert max(depth.values()) + 1 <= env.max_length
+    # backward closure from the states where exit is valid
+    exit_action = int(env.exit_action)
+    children = {i: [int(env.state_index(env.step(states[i], jnp.asarray(a, jnp.int32))))
+                    for a in np.flatnonzero(masks[i]) if int(a) != exit_action]
+                for i in range(states.shape[0])}
+    finishes = set(np.flatnonzero(masks[:, exit_action]).tolist())
+    assert finishes
+    changed = True
+    while changed:
+        changed = False
+        for i, kids in children.items():
+            if i not in finishes and any(j in finishes for j in kids):
+                finishes.add(i)
+                changed = True
+    assert len(finishes) == states.shape[0]
+
+
+@CASES
+def test_log_energy_is_minus_log_reward_at_terminal_states(case: EnvironmentCase):
+    """The forward-looking intermediate energy, where an environment defines one: finite
+    everywhere and `E(x) = -log R(x)` wherever exit is valid. Otherwise the default
+    raises NotImplementedError naming the environment."""
+    env = case.build()
+    states, masks = _all(env)
+    try:
+        energy = np.asarray(jax.vmap(env.log_energy)(states), np.float64)
+    except NotImplementedError as error:
+        assert type(env).__name__ in str(error)
+        return
+    log_reward = np.asarray(jax.vmap(env.log_reward)(states), np.float64)
+    assert np.all(np.isfinite(energy))
+    terminal = masks[:, int(env.exit_action)]
+    np.testing.assert_allclose(energy[terminal], -log_reward[terminal], rtol=1e-6, atol=1e-6)
+
+
+@CASES
+def test_log_partition_matches_enumeration(case: EnvironmentCase):
+    """`env.log_partition()` (an environment may override it with a closed form or DP)
+    equals the log-sum-exp of the rewards of the states where exit is valid, summed on
+    the host."""
+    env = case.build()
+    states, masks = _all(env)
+    log_reward = np.asarray(jax.vmap(env.log_reward)(states), np.float64)
+    terminal = log_reward[masks[:, int(env.exit_action)]]
+    expected = np.log(np.sum(np.exp(terminal - terminal.max()))) + terminal.max()
+    assert float(env.log_partition()) == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
 @CASES

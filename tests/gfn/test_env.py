@@ -123,3 +123,27 @@ def test_bad_actions_and_states():
         env.forward_mask(jnp.zeros((3,), jnp.int32))
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
         env.log_reward(jnp.zeros((5, 2), jnp.int32))
+
+
+def test_log_energy_default_raises_naming_the_environment():
+    class NoEnergy(Hypergrid):
+        def log_energy(self, state):  # back to the protocol's default
+            return AbstractEnvironment.log_energy(self, state)
+
+    env = NoEnergy(dimension=2, side=3)
+    with pytest.raises(NotImplementedError, match="NoEnergy defines no intermediate energy"):
+        env.log_energy(env.initial_state())
+
+
+def test_hypergrid_energy_is_minus_log_reward_everywhere():
+    # every hypergrid state is terminal, so E(s) = -log R(s) is forced
+    env = Hypergrid(dimension=2, side=8)
+    for point, reward in [((0, 0), 0.6), ((1, 6), 2.6), ((3, 4), 0.1)]:
+        assert float(env.log_energy(jnp.array(point))) == pytest.approx(-math.log(reward),
+                                                                        rel=1e-6)
+
+
+def test_default_log_partition_enumerates_terminal_states():
+    env = Hypergrid(dimension=1, side=4)  # x = 0..3: a = 1/2, 1/6, 1/6, 1/2
+    assert float(env.log_partition()) == pytest.approx(math.log(0.6 + 0.1 + 0.1 + 0.6),
+                                                       rel=1e-6)

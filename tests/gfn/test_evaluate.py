@@ -145,3 +145,102 @@ def test_evaluation_rejects_non_policies():
         terminal_distribution(Hypergrid(2, 4), {})
     with pytest.raises(TypeError, match="needs an environment"):
         reward_distribution("hypergrid")
+
+
+# ----------------------------------------------------------- divergences and sample metrics
+
+
+def test_kl_and_jensen_shannon_on_hand_computed_distributions():
+    import math
+
+    from ppl_ext.gfn import jensen_shannon, kl_divergence
+
+    p, q = [0.5, 0.5, 0.0], [0.25, 0.25, 0.5]
+    assert float(kl_divergence(p, q)) == pytest.approx(math.log(2), rel=1e-6)
+    assert float(kl_divergence(q, p)) == math.inf  # q puts mass where p has none
+    assert float(kl_divergence(q, q)) == pytest.approx(0.0, abs=1e-7)
+    assert float(jensen_shannon([1.0, 0.0], [0.0, 1.0])) == pytest.approx(math.log(2))
+    # p = (1, 0), q = (1/2, 1/2), m = (3/4, 1/4)
+    expected = 0.5 * (math.log(4 / 3) + 0.5 * math.log(2 / 3) + 0.5 * math.log(2))
+    assert float(jensen_shannon([1.0, 0.0], [0.5, 0.5])) == pytest.approx(expected, rel=1e-6)
+    assert float(jensen_shannon([0.5, 0.5], [1.0, 0.0])) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="same length"):
+        kl_divergence([0.5, 0.5], [1.0])
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        jensen_shannon([], [])
+
+
+def test_evaluate_reports_exact_kls_and_js():
+    policy, params = random_policy(2, 4, seed=3)
+    info = evaluate(policy, params)
+    p = np.asarray(terminal_distribution(policy, params), np.float64)
+    q = np.asarray(reward_distribution(policy.env), np.float64)
+    m = (p + q) / 2
+    kl = lambda a, b: float(np.sum(np.where(a > 0, a * np.log(a / b), 0.0)))  # noqa: E731
+    assert float(info.kl_target_model) == pytest.approx(kl(q, p), rel=1e-4)
+    assert float(info.kl_model_target) == pytest.approx(kl(p, q), rel=1e-4)
+    assert float(info.jensen_shannon) == pytest.approx((kl(p, m) + kl(q, m)) / 2, rel=1e-4)
+    assert 0 < float(info.jensen_shannon) < np.log(2)
+
+
+def test_num_modes_found_counts_distinct_modes_once():
+    from ppl_ext.gfn import num_modes_found
+
+    env = Hypergrid(dimension=2, side=8)  # the ring {1, 6}^2 has R = 2.6 (4 states)
+    samples = jnp.array([[1, 1], [1, 1], [6, 1], [6, 1], [0, 0], [3, 4], [1, 6]])
+    # num_top = 1: ties with the best reward count, so the 4 ring states are the modes
+    assert int(num_modes_found(env, samples, num_top=1)) == 3
+    assert int(num_modes_found(env, samples, num_top=4)) == 3
+    # the 5th best reward is 0.6 (12 outer states); (0, 0) joins
+    assert int(num_modes_found(env, samples, num_top=5)) == 4
+    is_mode = lambda s: env.log_reward(s) > jnp.log(0.35)  # noqa: E731  R in {0.6, 2.6}
+    assert int(num_modes_found(env, samples, is_mode=is_mode)) == 4
+    with pytest.raises(ValueError, match="exactly one"):
+        num_modes_found(env, samples)
+    with pytest.raises(ValueError, match="exactly one"):
+        num_modes_found(env, samples, is_mode=is_mode, num_top=2)
+    with pytest.raises(ValueError, match="num_top"):
+        num_modes_found(env, samples, num_top=0)
+    with pytest.raises(ValueError, match="empty batch"):
+        num_modes_found(env, jnp.zeros((0, 2), jnp.int32), num_top=1)
+    with pytest.raises(ValueError, match="shape"):
+        num_modes_found(env, jnp.zeros((3,), jnp.int32), num_top=1)
+
+
+def test_num_modes_found_ignores_states_that_cannot_exit():
+    from ppl_ext.gfn import SetGeneration, num_modes_found
+
+    env = SetGeneration((0.0, -1.0, 1.0), set_size=2)
+    samples = jnp.array([[1, 1, 0], [0, 1, 0], [0, 1, 1]])  # {0,1}, {1} (partial), {1,2}
+    # is_mode true everywhere: only the two complete sets count
+    assert int(num_modes_found(env, samples, is_mode=lambda s: True)) == 2
+    # the best set is {0, 1} (energy -1)
+    assert int(num_modes_found(env, samples, num_top=1)) == 1
+
+
+def test_top_k_reward_uses_distinct_states():
+    import math
+
+    from ppl_ext.gfn import top_k_reward
+
+    env = Hypergrid(dimension=2, side=8)
+    samples = jnp.array([[1, 1], [1, 1], [1, 1], [0, 0], [3, 4], [0, 7]])
+    # distinct rewards: 2.6, 0.6, 0.1, 0.6
+    assert float(top_k_reward(env, samples, num_top=1)) == pytest.approx(2.6, rel=1e-5)
+    assert float(top_k_reward(env, samples, num_top=3)) == pytest.approx(3.8 / 3, rel=1e-5)
+    # fewer distinct states than num_top: their mean
+    assert float(top_k_reward(env, samples, num_top=100)) == pytest.approx(3.9 / 4, rel=1e-5)
+    assert math.isfinite(float(top_k_reward(env, samples[:1], num_top=5)))
+    with pytest.raises(ValueError, match="num_top"):
+        top_k_reward(env, samples, num_top=0)
+
+
+def test_first_occurrences_match_numpy_unique():
+    from ppl_ext.gfn._evaluate import _first_occurrences
+
+    rows = np.asarray(jax.random.randint(jax.random.key(0), (300, 3), 0, 4))
+    first = np.asarray(_first_occurrences(jnp.asarray(rows)))
+    _, index = np.unique(rows, axis=0, return_index=True)
+    expected = np.zeros(300, bool)
+    expected[index] = True
+    np.testing.assert_array_equal(first, expected)
