@@ -48,7 +48,7 @@ from .optim import (
 __version__ = "0.1.0"
 
 #: subpackages imported on first use (PEP 562), so `import ppl_ext` does not pay for them
-_LAZY_SUBPACKAGES = ("gfn", "smc")
+_LAZY_SUBPACKAGES = ("flows", "gfn", "smc")
 
 
 def __getattr__(name: str):
@@ -61,6 +61,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ppl_ext' has no attribute {name!r}")
 
 __all__ = [
+    "flows",
     "gen",
     "gfn",
     "numpyro",

@@ -14,7 +14,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ["ppl_ext", "ppl_ext.adev", "ppl_ext.gen", "ppl_ext.vi", "ppl_ext.numpyro",
-            "ppl_ext.optim", "ppl_ext.smc", "ppl_ext.gfn"]
+            "ppl_ext.optim", "ppl_ext.smc", "ppl_ext.gfn",
+            "ppl_ext.flows"]
 FORBIDDEN = {"n", "N", "K", "rng", "rng_key", "num", "param_map", "prng_key", "seed",
              "n_steps", "n_particles", "n_samples", "nsteps", "log_prob"}
 #: (qualified name, parameter): interfaces fixed by another library
