@@ -26,6 +26,33 @@ from ._fit import (
     FitResult as FitResult,
     fit as fit,
 )
+from ._mfac import (
+    MFACState as MFACState,
+    mfac as mfac,
+    mfac_inverse_product as mfac_inverse_product,
+)
+from ._sns import (
+    SinkhornNewtonSparse as SinkhornNewtonSparse,
+    SNSOutput as SNSOutput,
+    sinkhorn_newton_sparse as sinkhorn_newton_sparse,
+)
+from ._newton import (
+    AbstractCurvature as AbstractCurvature,
+    EmpiricalFisher as EmpiricalFisher,
+    ExactHessian as ExactHessian,
+    FiniteDifferenceHessian as FiniteDifferenceHessian,
+    GaussNewton as GaussNewton,
+    GradientRegularisedNewton as GradientRegularisedNewton,
+    MatrixFreeHessian as MatrixFreeHessian,
+    NewtonInfo as NewtonInfo,
+    NewtonState as NewtonState,
+)
+from ._spectrum import (
+    SpectrumResult as SpectrumResult,
+    hessian_spectrum as hessian_spectrum,
+    hessian_vector_product as hessian_vector_product,
+    plot_spectrum as plot_spectrum,
+)
 from ._zo import (
     QuantizedZerothOrderSGD as QuantizedZerothOrderSGD,
     ZerothOrderRankSGD as ZerothOrderRankSGD,
@@ -53,7 +80,26 @@ __all__ = [
     "ZerothOrderRankSGD",
     "ZerothOrderSGD",
     "ZerothOrderState",
+    "SinkhornNewtonSparse",
+    "SNSOutput",
+    "sinkhorn_newton_sparse",
     "fit",
+    "MFACState",
+    "mfac",
+    "mfac_inverse_product",
+    "SpectrumResult",
+    "hessian_spectrum",
+    "hessian_vector_product",
+    "plot_spectrum",
+    "AbstractCurvature",
+    "EmpiricalFisher",
+    "ExactHessian",
+    "FiniteDifferenceHessian",
+    "GaussNewton",
+    "GradientRegularisedNewton",
+    "MatrixFreeHessian",
+    "NewtonInfo",
+    "NewtonState",
     "dequantize",
     "quantize",
     "rank_by_objective",

@@ -1,0 +1,267 @@
+"""Sinkhorn-Newton-Sparse against ott-jax's Sinkhorn: same optimum, fewer iterations.
+
+Every reference here is computed without ppl_ext: ott-jax's Sinkhorn run to a tight
+threshold, the marginal constraints themselves, and central finite differences. No test is
+statistical (`K_SE` unused): the solver is deterministic.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ott.geometry import geometry, pointcloud
+from ott.problems.linear import linear_problem
+from ott.solvers.linear import implicit_differentiation, sinkhorn
+
+import ppl_ext as px
+from ppl_ext.optim import SinkhornNewtonSparse, SNSOutput, sinkhorn_newton_sparse
+
+
+def _random_problem(seed=0, n=40, m=30, epsilon=0.05, dtype=jnp.float64):
+    """One shared shape and configuration keeps the compilations few (one per solver)."""
+    key_cost, key_a, key_b = jax.random.split(jax.random.key(seed), 3)
+    cost = jax.random.uniform(key_cost, (n, m), dtype)
+    a = jax.random.uniform(key_a, (n,), dtype, 0.5, 1.5)
+    b = jax.random.uniform(key_b, (m,), dtype, 0.5, 1.5)
+    return linear_problem.LinearProblem(geometry.Geometry(cost, epsilon=epsilon),
+                                        a / a.sum(), b / b.sum())
+
+
+def _clouds(seed, n, dtype=jnp.float64):
+    kx, ky = jax.random.split(jax.random.key(seed))
+    return jax.random.uniform(kx, (n, 2), dtype), jax.random.uniform(ky, (n, 2), dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _ott(prob, threshold):
+    # ott's default implicit differentiation (log-preconditioned), with tight solves
+    implicit = implicit_differentiation.ImplicitDiff(solver_kwargs={"rtol": 1e-10,
+                                                                    "atol": 1e-10})
+    return sinkhorn.Sinkhorn(threshold=threshold, max_iterations=200_000,
+                             implicit_diff=implicit)(prob)
+
+
+TIGHT = SinkhornNewtonSparse(threshold=1e-11, num_kept=8, num_sinkhorn_steps=10)
+
+
+def _assert_same_solution(out, ref, atol, potential_atol):
+    """Same plan, and potentials equal up to the shift (f + c, g - c) that leaves P fixed."""
+    np.testing.assert_allclose(out.matrix, ref.matrix, atol=atol, rtol=0)
+    shift = out.f - ref.f
+    np.testing.assert_allclose(shift, jnp.mean(shift), atol=potential_atol)
+    np.testing.assert_allclose(out.g - ref.g, -jnp.mean(shift), atol=potential_atol)
+
+
+def test_agrees_with_ott_sinkhorn_in_x64():
+    with jax.enable_x64(True):
+        prob = _random_problem()
+        out = TIGHT(prob)
+        ref = _ott(prob, 1e-11)
+        assert bool(out.converged) and bool(ref.converged)
+        _assert_same_solution(out, ref, atol=1e-9, potential_atol=1e-9)
+        # marginals satisfied, checked from the plan itself
+        np.testing.assert_allclose(out.matrix.sum(1), prob.a, atol=1e-11)
+        np.testing.assert_allclose(out.matrix.sum(0), prob.b, atol=1e-11)
+        np.testing.assert_allclose(out.reg_ot_cost, ref.reg_ot_cost, rtol=1e-10)
+        np.testing.assert_allclose(out.primal_cost, jnp.sum(ref.matrix * prob.geom.cost_matrix),
+                                   rtol=1e-8)
+        # the record: one finite error per iteration run, -1 after, the last below threshold
+        run = int(out.n_iters)
+        assert int(out.num_newton_steps) >= 1  # the Newton stage ran
+        assert bool(jnp.all(out.errors[:run] >= 0)) and bool(jnp.all(out.errors[run:] == -1))
+        assert float(out.errors[run - 1]) < 1e-11
+
+
+def test_agrees_with_ott_sinkhorn_in_float32():
+    prob = _random_problem(dtype=jnp.float32)
+    out = SinkhornNewtonSparse(threshold=1e-5, num_kept=8)(prob)
+    ref = _ott(prob, 1e-5)
+    assert out.f.dtype == jnp.float32 and bool(out.converged)
+    np.testing.assert_allclose(out.matrix, ref.matrix, atol=1e-5)
+    np.testing.assert_allclose(out.matrix.sum(1), prob.a, atol=2e-5)
+    np.testing.assert_allclose(out.matrix.sum(0), prob.b, atol=2e-5)
+
+
+def test_far_fewer_iterations_than_sinkhorn_at_small_epsilon():
+    """n = 100 points on [0, 1]², squared Euclidean cost, ε = 0.001: Newton's few steps
+    replace thousands of Sinkhorn sweeps (iteration counts, not times, are compared)."""
+    with jax.enable_x64(True):
+        x, y = _clouds(3, 100)
+        prob = linear_problem.LinearProblem(pointcloud.PointCloud(x, y, epsilon=1e-3))
+        out = SinkhornNewtonSparse(threshold=1e-6, num_sinkhorn_steps=100)(prob)
+        ref = _ott(prob, 1e-6)
+        assert bool(out.converged) and bool(ref.converged)
+        assert int(out.num_newton_steps) <= 30
+        assert 10 * int(out.n_iters) < int(ref.n_iters), (int(out.n_iters), int(ref.n_iters))
+        # ε = 0.001: a plan error δ moves the potentials by about ε δ / P
+        _assert_same_solution(out, ref, atol=1e-6, potential_atol=1e-4)
+
+
+def test_newton_stage_alone_converges_from_zero_potentials():
+    """No warm start: the damped Newton iteration and its line search reach the optimum."""
+    with jax.enable_x64(True):
+        prob = _random_problem()
+        out = SinkhornNewtonSparse(threshold=1e-11, num_sinkhorn_steps=0, num_kept=30)(prob)
+        ref = _ott(prob, 1e-11)
+        assert int(out.num_sinkhorn_steps) == 0 and bool(out.converged)
+        assert int(out.num_newton_steps) <= 40
+        _assert_same_solution(out, ref, atol=1e-9, potential_atol=1e-9)
+
+
+def test_a_very_sparse_pattern_keeps_the_exact_optimum():
+    """One entry per row and column: a poor Hessian and a longer path, but the same fixed
+    point, because convergence is judged on the exact gradient (the marginals)."""
+    with jax.enable_x64(True):
+        prob = _random_problem()
+        sparse = SinkhornNewtonSparse(threshold=1e-11, num_kept=1, num_sinkhorn_steps=5,
+                                      num_newton_steps=1000)(prob)
+        ref = _ott(prob, 1e-11)
+        assert bool(sparse.converged) and int(sparse.num_newton_steps) > 1
+        _assert_same_solution(sparse, ref, atol=1e-9, potential_atol=1e-9)
+
+
+def test_jit_and_vmap_over_problems():
+    with jax.enable_x64(True):
+        problems = [_random_problem(seed) for seed in range(3)]
+        costs = jnp.stack([p.geom.cost_matrix for p in problems])
+        a = jnp.stack([p.a for p in problems])
+        b = jnp.stack([p.b for p in problems])
+
+        @jax.jit
+        @jax.vmap
+        def solve(cost, a, b):
+            return TIGHT(linear_problem.LinearProblem(geometry.Geometry(cost, epsilon=0.05),
+                                                      a, b))
+
+        batched = solve(costs, a, b)
+        assert isinstance(batched, SNSOutput) and batched.potentials[0].shape == (3, 40)
+        for i, prob in enumerate(problems):
+            assert bool(batched.converged[i])
+            plan = jnp.exp((batched.f[i][:, None] + batched.g[i][None, :] - costs[i]) / 0.05)
+            np.testing.assert_allclose(plan, TIGHT(prob).matrix, atol=1e-12)
+            np.testing.assert_allclose(plan, _ott(prob, 1e-11).matrix, atol=1e-9)
+
+
+def test_function_form_and_ott_output():
+    with jax.enable_x64(True):
+        prob = _random_problem()
+        out = sinkhorn_newton_sparse(prob.geom, prob.a, prob.b, threshold=1e-11, num_kept=8,
+                                     num_sinkhorn_steps=10)
+        ott_out = out.to_sinkhorn_output()
+        assert isinstance(ott_out, sinkhorn.SinkhornOutput)
+        np.testing.assert_allclose(ott_out.matrix, out.matrix)
+        np.testing.assert_allclose(ott_out.apply(jnp.ones(30), axis=1), prob.a, atol=1e-11)
+        np.testing.assert_allclose(out.marginal(0), prob.b, atol=1e-11)
+        assert px.optim.SinkhornNewtonSparse is SinkhornNewtonSparse
+
+
+@pytest.mark.filterwarnings("ignore:`NormalCG")  # ott's default implicit solver, not ours
+def test_gradients_match_ott_and_finite_differences():
+    """Implicit differentiation: d reg_ot_cost / dx (Danskin) plus d <P, W> / dx (the
+    implicit function theorem through the potentials), against ott's Sinkhorn gradient and
+    central finite differences."""
+    with jax.enable_x64(True):
+        x, y = _clouds(8, 15)
+        weights = jax.random.normal(jax.random.key(9), (15, 15))
+
+        def objective(out):
+            return out.reg_ot_cost + jnp.sum(out.matrix * weights)
+
+        ours = jax.jit(lambda x: objective(SinkhornNewtonSparse(threshold=1e-12, num_kept=6)(
+            pointcloud.PointCloud(x, y, epsilon=0.05))))
+        theirs = jax.jit(jax.grad(lambda x: objective(_ott(
+            linear_problem.LinearProblem(pointcloud.PointCloud(x, y, epsilon=0.05)), 1e-12))))
+        grad_ours = jax.jit(jax.grad(ours))(x)
+        np.testing.assert_allclose(grad_ours, theirs(x), rtol=1e-6, atol=1e-9)
+        h = 1e-5
+        for i, j in [(0, 0), (3, 1), (14, 0)]:
+            e = jnp.zeros_like(x).at[i, j].set(h)
+            fd = (ours(x + e) - ours(x - e)) / (2 * h)
+            np.testing.assert_allclose(grad_ours[i, j], fd, rtol=1e-5, atol=1e-8)
+
+
+def test_gradient_with_respect_to_the_cost_matrix_is_the_plan():
+    """d reg_ot_cost / dC = P (envelope theorem), independently of any solver."""
+    with jax.enable_x64(True):
+        prob = _random_problem()
+        grad = jax.grad(lambda c: TIGHT(linear_problem.LinearProblem(
+            geometry.Geometry(c, epsilon=0.05), prob.a, prob.b)).reg_ot_cost)(
+            prob.geom.cost_matrix)
+        np.testing.assert_allclose(grad, TIGHT(prob).matrix, atol=1e-12)
+
+
+def test_sparsified_hessian_counts_each_kept_entry_once_and_is_psd():
+    """The mat-vec against a dense matrix built with NumPy: the union of each row's and each
+    column's two largest plan entries, an entry in both counted once, the diagonal exact."""
+    from ppl_ext.optim._sns import _sparse_hessian
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        plan = rng.uniform(size=(7, 5)) ** 3
+        plan[0, :] = 0.9  # ties: row 0's top_k keeps 2 of 5 equal entries, columns keep more
+        num_kept = 2
+        rows_mask = np.zeros_like(plan, bool)
+        cols_mask = np.zeros_like(plan, bool)
+        pattern = plan.astype(np.float32)  # the solver picks its pattern in float32
+        for i, j in enumerate(np.asarray(jax.lax.top_k(pattern, num_kept)[1])):
+            rows_mask[i, j] = True
+        for j, i in enumerate(np.asarray(jax.lax.top_k(pattern.T, num_kept)[1])):
+            cols_mask[i, j] = True
+        kept = np.where(rows_mask | cols_mask, plan, 0.0)
+        hessian = np.block([[np.diag(plan.sum(1)), kept], [kept.T, np.diag(plan.sum(0))]])
+        matvec, diagonal = _sparse_hessian(jnp.asarray(plan), num_kept, 0.0)
+        for _ in range(3):
+            z = rng.normal(size=12)
+            np.testing.assert_allclose(matvec(jnp.asarray(z)), hessian @ z, rtol=1e-12)
+        np.testing.assert_allclose(diagonal, np.diag(hessian), rtol=1e-12)
+        assert np.linalg.eigvalsh(hessian).min() > -1e-12
+
+
+def test_bad_input_raises_clear_errors():
+    cost = jnp.ones((4, 5))
+    with pytest.raises(ValueError, match="epsilon must be positive"):
+        SinkhornNewtonSparse()(geometry.Geometry(cost, epsilon=-0.1))
+    with pytest.raises(ValueError, match="different mass"):
+        sinkhorn_newton_sparse(geometry.Geometry(cost, epsilon=0.1), jnp.full(4, 0.25),
+                               jnp.full(5, 0.3))
+    with pytest.raises(ValueError, match="strictly positive"):
+        sinkhorn_newton_sparse(geometry.Geometry(cost, epsilon=0.1),
+                               jnp.array([0.5, 0.5, 0.5, -0.5]), jnp.full(5, 0.2))
+    with pytest.raises(ValueError, match="do not match the cost matrix"):
+        sinkhorn_newton_sparse(geometry.Geometry(cost, epsilon=0.1), jnp.full(3, 1 / 3),
+                               jnp.full(5, 0.2))
+    with pytest.raises(ValueError, match="num_kept.*exceeds min"):
+        SinkhornNewtonSparse(num_kept=5)(geometry.Geometry(cost, epsilon=0.1))
+    with pytest.raises(ValueError, match="num_kept"):
+        SinkhornNewtonSparse(num_kept=0)
+    with pytest.raises(ValueError, match="threshold"):
+        SinkhornNewtonSparse(threshold=0.0)
+    with pytest.raises(ValueError, match="num_newton_steps"):
+        SinkhornNewtonSparse(num_newton_steps=-1)
+    with pytest.raises(ValueError, match="balanced"):
+        SinkhornNewtonSparse()(linear_problem.LinearProblem(
+            geometry.Geometry(cost, epsilon=0.1), tau_a=0.9))
+    with pytest.raises(TypeError, match="LinearProblem or Geometry"):
+        SinkhornNewtonSparse()(cost)
+    with pytest.raises(ValueError, match="init"):
+        SinkhornNewtonSparse()(geometry.Geometry(cost, epsilon=0.1),
+                               init=(jnp.zeros(5), jnp.zeros(5)))
+    with pytest.raises(ValueError, match="with a geometry only"):
+        sinkhorn_newton_sparse(linear_problem.LinearProblem(geometry.Geometry(cost)),
+                               a=jnp.full(4, 0.25))
+
+
+def test_no_retrace_on_new_costs():
+    solver = SinkhornNewtonSparse(threshold=1e-4, num_kept=3)
+    traces = []
+
+    @jax.jit
+    def solve(cost):
+        traces.append(None)
+        return solver(geometry.Geometry(cost, epsilon=0.1)).f
+
+    for seed in range(3):
+        solve(jax.random.uniform(jax.random.key(seed), (6, 6)))
+    assert len(traces) == 1
