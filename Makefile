@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: setup demo test docs benchmarks pyro-venv particles-venv
+.PHONY: setup demo test docs benchmarks pyro-venv particles-venv torchgfn-venv
 
 setup: $(STAMP)
 
@@ -39,7 +39,7 @@ test: setup
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
-benchmarks: setup pyro-venv particles-venv
+benchmarks: setup pyro-venv particles-venv torchgfn-venv
 	$(VENV_PYTHON) -m pip install --quiet -e ".[benchmarks]"
 	$(VENV_PYTHON) benchmarks/bench_adev.py
 	$(VENV_PYTHON) benchmarks/bench_vae.py
@@ -50,6 +50,10 @@ benchmarks: setup pyro-venv particles-venv
 	$(VENV_PYTHON) benchmarks/bench_tracegraph.py
 	$(VENV_PYTHON) benchmarks/bench_cbo.py
 	$(VENV_PYTHON) benchmarks/bench_smc.py
+	$(VENV_PYTHON) benchmarks/bench_ppg.py
+	$(VENV_PYTHON) benchmarks/bench_curvature.py
+	$(VENV_PYTHON) benchmarks/bench_gfn.py
+	$(VENV_PYTHON) benchmarks/bench_sns.py
 
 # Pyro (a comparison peer only) in its own environment: the CPU wheel of torch 2.13.0 here
 # is for Python 3.11, and pip on 3.12 would fetch CUDA packages.
@@ -67,3 +71,12 @@ particles-venv: .venv-particles/.installed
 	python3.12 -m venv .venv-particles
 	.venv-particles/bin/python -m pip install --quiet "numpy<2" particles==0.4
 	touch .venv-particles/.installed
+
+# torchgfn (a comparison peer only): torch==2.13.0 in the same pip command, so pip takes
+# the local CPU wheel (Python 3.11) instead of pulling a CUDA build.
+torchgfn-venv: .venv-torchgfn/.installed
+
+.venv-torchgfn/.installed:
+	$(PYRO_PYTHON) -m venv .venv-torchgfn
+	.venv-torchgfn/bin/python -m pip install --quiet torch==2.13.0 torchgfn "numpy<2"
+	touch .venv-torchgfn/.installed

@@ -247,6 +247,12 @@ GENERATIVE_FUNCTIONS: list[GenFnCase] = [
         # the proposal is the posterior: every weight is equal, SIR returns a posterior draw
         moments=((lambda c: c["z"], POSTERIOR_LOC),
                  (lambda c: c["z"] ** 2, POSTERIOR_LOC**2 + 0.5))),
+    # the exact velocity of the linear path from N(0, 1) to N(m, s²): the flow's law is
+    # N(m, s²) and its exact-divergence density that law's (up to the ODE solver)
+    GenFnCase("flows/gaussian-flow", lambda: px.flows.FlowModel(gaussian_flow_velocity, 1,
+                                                                num_steps=16),
+              {"m": jnp.asarray(1.0), "s": jnp.asarray(2.0)}, (),
+              moments=((lambda c: c["x"][0], 1.0), (lambda c: c["x"][0] ** 2, 5.0))),
 ]
 
 
@@ -275,6 +281,50 @@ GENERATIVE_FUNCTIONS.append(
               moments=((lambda c: c["x"][0], _SMC_POSTERIOR_MEAN),
                        (lambda c: c["x"][0] ** 2,
                         _SMC_POSTERIOR_MEAN**2 + _SMC_POSTERIOR_VAR))))
+
+
+# a uniform forward policy on the 1-D hypergrid of side 3: exit first with probability 1/2,
+# reach the far end (two moves) with probability 1/4
+def _gfn_sampler():
+    return px.gfn.ForwardPolicySampler(px.gfn.TabularPolicy(px.gfn.Hypergrid(1, 3)))
+
+
+GENERATIVE_FUNCTIONS.append(
+    GenFnCase("gfn/forward-policy-sampler", _gfn_sampler,
+              {"forward": jnp.zeros((3, 2)), "log_z": jnp.asarray(0.0)}, (),
+              moments=((lambda c: (c["actions"][0] == 1).astype(jnp.float32), 0.5),
+                       (lambda c: ((c["actions"][0] == 0) & (c["actions"][1] == 0)).astype(
+                           jnp.float32), 0.25))))
+
+
+def gaussian_flow_velocity(params, t, x):
+    """`E[x1 - x0 | x_t = x]` for `x0 ~ N(0, 1)`, `x1 ~ N(m, s²)`, `x_t = (1-t) x0 + t x1`."""
+    m, s = params["m"], params["s"]
+    variance = (1 - t) ** 2 + t**2 * s**2
+    return m + (t * s**2 - (1 - t)) * (x - t * m) / variance
+
+
+# -------------------------------------------------------------------- interpolant paths
+
+
+@dataclasses.dataclass(frozen=True)
+class PathCase:
+    """An interpolant path (`px.flows.AbstractPath`); `tests/conformance/test_paths.py`
+    checks its boundary conditions and its derivatives by finite differences."""
+
+    name: str
+    build: Callable[[], Any]
+
+
+PATHS: list[PathCase] = [
+    PathCase("linear", lambda: px.flows.LinearPath()),
+    PathCase("trigonometric", lambda: px.flows.TrigonometricPath()),
+    PathCase("vp", lambda: px.flows.VPPath()),
+    PathCase("linear+bridge", lambda: px.flows.LinearPath(px.flows.BridgeGamma(2.0))),
+    PathCase("linear+bridge(0.5)", lambda: px.flows.LinearPath(px.flows.BridgeGamma(0.5))),
+    PathCase("trigonometric+parabolic",
+             lambda: px.flows.TrigonometricPath(px.flows.ParabolicGamma(1.5))),
+]
 
 
 # ---------------------------------------------------------------------------- objectives
@@ -434,6 +484,20 @@ BACKENDS: list[BackendCase] = [
     BackendCase("QuantizedZerothOrderSGD", lambda: px.optim.QuantizedZerothOrderSGD(
         _optax().adam(_optax().cosine_decay_schedule(0.1, 400, alpha=0.01)), smoothing=0.1,
         num_directions=4, clip=50.0)),
+    # curvature: M-FAC preconditioning (the gradient noise keeps the empirical Fisher
+    # non-degenerate), and gradient-regularised Newton with a decaying step (each Newton
+    # step jumps to the minimiser of that step's sampled objective)
+    BackendCase("OptaxBackend(mfac)", lambda: px.OptaxBackend(_optax().chain(
+        px.optim.mfac(num_gradients=8, damping=1.0), _optax().scale_by_learning_rate(
+            _optax().cosine_decay_schedule(0.5, 400, alpha=0.01))))),
+    BackendCase("GradientRegularisedNewton(FiniteDifferenceHessian)", lambda:
+                px.optim.GradientRegularisedNewton(
+                    px.optim.FiniteDifferenceHessian(), step_size=_optax().cosine_decay_schedule(
+                        1.0, 400, alpha=0.01))),
+    BackendCase("GradientRegularisedNewton(ExactHessian, unbiased hvp)", lambda:
+                px.optim.GradientRegularisedNewton(
+                    px.optim.ExactHessian(), step_size=_optax().cosine_decay_schedule(
+                        1.0, 400, alpha=0.01))),
 ]
 
 
@@ -541,6 +605,16 @@ KERNELS: list[KernelCase] = [
         _smc().GuidedFilter(_ssm_1d(), 16, ess_threshold=0.5), _paris_additive,
         num_backward_samples=3, log_transition_bound=_log_transition_bound,
         num_proposals=2), _filter_init, _filter_step_args),
+    KernelCase("smc.ParisParticleGibbs (a sweep over the whole series)", lambda: _smc(
+        ).ParisParticleGibbs(_ssm_1d(), _paris_additive, num_particles=8),
+        lambda kernel, key: kernel.init(key, _filter_step_args(0)[0], jnp.linspace(-1., 1., 5)),
+        lambda seed: (_filter_step_args(seed)[0], jnp.linspace(-1.0, 1.0, 5) + 0.1 * seed)),
+    KernelCase("smc.MarkovScoreClimbing (mean-field Gaussian, optax.adam)", lambda: _smc(
+        ).MarkovScoreClimbing(_ssm_1d(), _smc().mean_field_gaussian(5)[0],
+                              _optax().adam(1e-2), num_particles=8),
+        lambda kernel, key: kernel.init(key, _smc().mean_field_gaussian(5)[1],
+                                        _filter_step_args(0)[0], jnp.linspace(-1., 1., 5)),
+        lambda seed: (_filter_step_args(seed)[0], jnp.linspace(-1.0, 1.0, 5) + 0.1 * seed)),
 ]
 
 
@@ -559,4 +633,60 @@ ENVIRONMENTS: list[EnvironmentCase] = [
     EnvironmentCase("Hypergrid(2, 4)", lambda: px.gfn.Hypergrid(2, 4)),
     EnvironmentCase("Hypergrid(3, 3)", lambda: px.gfn.Hypergrid(3, 3)),
     EnvironmentCase("Hypergrid(1, 6, r0=0.5)", lambda: px.gfn.Hypergrid(1, 6, r0=0.5)),
+    EnvironmentCase("BitSequence(n=4, k=1)", lambda: px.gfn.BitSequence(
+        [[1, 0, 1, 1], [0, 0, 0, 0]], word_size=1)),
+    EnvironmentCase("BitSequence(n=4, k=2, temperature=0.5)", lambda: px.gfn.BitSequence(
+        [[1, 1, 0, 1]], word_size=2, temperature=0.5)),
+    EnvironmentCase("SetGeneration(U=6, k=3)", lambda: px.gfn.SetGeneration(
+        (0.3, -0.7, 0.1, 0.9, -0.2, 0.5), set_size=3)),
+    EnvironmentCase("SetGeneration(U=4, k=4)", lambda: px.gfn.SetGeneration(
+        (0.5, -1.0, 0.25, 0.0), set_size=4)),
+]
+
+
+# ------------------------------------------------------------------- GFlowNet objectives
+
+
+@dataclasses.dataclass(frozen=True)
+class GfnObjectiveCase:
+    """A GFlowNet balance objective on an enumerable environment with a `TabularPolicy`
+    (uniform backward policy). At the balanced flows, built by hand in
+    `tests/gfn/test_objectives_more.py` (`balanced_params`), its value is 0 for every draw.
+
+    `build(policy)` returns the `px.Expectation`; `forward_looking` marks objectives whose
+    learned flow is `log F̃ = log F + E`.
+    """
+
+    name: str
+    env: Callable[[], Any]
+    build: Callable[[Any], Any]
+    forward_looking: bool = False
+
+
+GFN_OBJECTIVES: list[GfnObjectiveCase] = [
+    GfnObjectiveCase("trajectory_balance/Hypergrid(2, 4)", lambda: px.gfn.Hypergrid(2, 4),
+                     lambda p: px.gfn.trajectory_balance(p, 8)),
+    GfnObjectiveCase("detailed_balance/SetGeneration(U=4, k=2)",
+                     lambda: px.gfn.SetGeneration((0.5, -1.0, 0.25, 0.0), set_size=2),
+                     lambda p: px.gfn.detailed_balance(p, 8, exploration=0.3)),
+    GfnObjectiveCase("subtrajectory_balance/BitSequence(n=4, k=2)",
+                     lambda: px.gfn.BitSequence([[1, 1, 0, 1]], word_size=2),
+                     lambda p: px.gfn.subtrajectory_balance(p, 8, lamda=0.9)),
+    GfnObjectiveCase("subtrajectory_balance(geometric)/Hypergrid(3, 3)",
+                     lambda: px.gfn.Hypergrid(3, 3),
+                     lambda p: px.gfn.subtrajectory_balance(p, 8, lamda=1.5,
+                                                            weighting="geometric")),
+    GfnObjectiveCase("forward_looking_detailed_balance/Hypergrid(1, 6)",
+                     lambda: px.gfn.Hypergrid(1, 6, r0=0.5),
+                     lambda p: px.gfn.forward_looking_detailed_balance(p, 8, temperature=2.0),
+                     forward_looking=True),
+    GfnObjectiveCase("forward_looking_subtrajectory_balance/SetGeneration(U=4, k=2)",
+                     lambda: px.gfn.SetGeneration((0.5, -1.0, 0.25, 0.0), set_size=2),
+                     lambda p: px.gfn.forward_looking_subtrajectory_balance(p, 8),
+                     forward_looking=True),
+    GfnObjectiveCase("flow_matching/BitSequence(n=4, k=1)",
+                     lambda: px.gfn.BitSequence([[1, 0, 1, 1], [0, 0, 0, 0]], word_size=1),
+                     lambda p: px.gfn.flow_matching(p, 8)),
+    GfnObjectiveCase("log_partition_variance/Hypergrid(2, 4)", lambda: px.gfn.Hypergrid(2, 4),
+                     lambda p: px.gfn.log_partition_variance(p, 8, exploration=0.5)),
 ]
