@@ -175,13 +175,13 @@ class SMC(AbstractGenerativeFunction):
 
     # ------------------------------------------------------------------ the filter
 
-    def _ancestors(self, log_weights):
-        """`N` ancestor indices drawn from `softmax(log_weights)` at one site."""
+    def _ancestors(self, log_weights, num=None):
+        """`num` (default `N`) indices drawn from `softmax(log_weights)` at one site."""
         logits = log_weights
         if self.resampling_gradient == "none":
             logits = jax.lax.stop_gradient(logits)
-        num = self.num_particles
-        law = dist.Categorical(logits=jnp.broadcast_to(logits, (num, num)))
+        shape = (self.num_particles if num is None else num,)
+        law = dist.Categorical(logits=jnp.broadcast_to(logits, shape + logits.shape))
         return _sample(law, _reinforce, name="smc_ancestors").astype(jnp.int32)
 
     def _run(self, params, observations, inputs, reference=None):
@@ -238,7 +238,8 @@ class SMC(AbstractGenerativeFunction):
         self._check(observations, inputs)
         particles, ancestors, log_weights, log_evidence = self._run(params, observations,
                                                                    inputs)
-        final = self._ancestors(log_weights[-1])[0]
+        # one index: unused draws would only add score-function noise
+        final = self._ancestors(log_weights[-1], num=1)[0]
 
         def back(index, xs):
             a_t = xs
