@@ -29,11 +29,18 @@ the code their estimators generate:
   - `px.reinforce` members: the rest of the program at the draw; element `i`'s score
     multiplies element `i`'s term only, minus its per-element baseline (`_reinforce`);
 - a site whose parameters do not depend on the group and that is not on the plate: drawn
-  by its (local) estimator as usual, its score terms accumulate as usual; a `px.enum`
-  one (a scalar site, or one on another plate with few enough joint values) is summed
-  over inside the group, each value's rest of the program evaluated with tags in one
-  vmap and its later score terms folded into that value's per-element terms
-  (`_enumerate_plain`);
+  by its (local) estimator as usual, its score terms accumulate as usual (a
+  `px.reinforce` site on another plate: the score of the whole site, not per element);
+  - a `px.enum` one on another plate of `m` elements, where the rest of the program is a
+    sum of terms per element of *that* plate (`_additive_rest`, on the user's equations),
+    is summed over per element: `m·V + 1` evaluations of the rest with tags, each changing
+    one of its elements (`_enumerate_other_plate`);
+  - any other `px.enum` one (a scalar site, or one on another plate with few enough
+    joint values) is summed over jointly inside the group, each value's rest of the
+    program evaluated with tags in one vmap and its later score terms folded into that
+    value's per-element terms (`_enumerate_plain`);
+  - a `px.mvd` one: the rest of the program at the draw and at each perturbed entry
+    (`_mvd_plain`, as `MVD.run`);
 - a reparameterised site whose parameters depend on the group per element: its draw is
   tagged by evaluating the sampler with tags.
 
@@ -45,7 +52,8 @@ elements) stops the group evaluation, and the leader falls back to its own estim
 whole objective). Nothing re-analyses the code that estimators generate.
 
 For `m` enum members with `K_j` values per element the rest of the program runs `Π_j K_j`
-times in one vmap and is traced once: trace time is linear in the number of sites. The
+times in one vmap and is traced once: trace time is linear in the number of sites. Sites
+on other plates multiply that count by `m_k·V_k + 1` each (their evaluations are nested). The
 result is exact: `E[k] = Σ_i Σ_{u_1..u_m} Π_j q_{j,i}(u_j | ...) g_i(u_1..u_m) + h`.
 """
 
@@ -100,6 +108,44 @@ def _open_group(distribution, resume):
     return n, env, _Frame(resume.jaxpr, resume.index, resume.scope, resume.cont)
 
 
+def _group(frame, n, build, acc, first=None):
+    """Run the group that `build(flat) -> rest` sets up, and finish the whole program.
+
+    A site on a plate of the same size whose law does not depend on the group joins it
+    with its elements paired with the group's (cheap: its values are enumerated with the
+    group's); where that fails (`Σ_i f(a_i) · Σ_j g(b_j)` mixes the paired elements) the
+    group is evaluated once more with such sites handled as sites on another plate.
+    `first`: `(key, element values, probabilities)` of a leader that is the flat
+    enumeration's first member.
+    """
+
+    def start():
+        flat = _Flat()
+        if first is not None:
+            flat.add(first[0], first[1])
+            flat.weights = first[2]
+        return flat
+
+    flat = _plan(start(), frame, n)
+    try:
+        return _close_group(flat, build(flat), acc)
+    except NotSeparable:
+        if not flat.used_plain:
+            raise
+    flat = start()  # no plan: a planned site would join whatever its law
+    flat.plain_members = False
+    return _close_group(flat, build(flat), acc)
+
+
+def _joins(flat, dist_tags) -> bool:
+    """Whether a site whose law is plain for the group may join it (see `_group`)."""
+    if all(v.kind == P for v in dist_tags):
+        if not flat.plain_members:
+            return False
+        flat.used_plain = True
+    return True
+
+
 def _close_group(flat, rest, acc):
     """Run the group (`rest` under the flat enumeration) and finish the whole program."""
     from ._interpreter import add_acc, finish
@@ -118,14 +164,15 @@ def enumerate_group(distribution, resume, acc, dtype, site: str):
     """
     n, env, frame = _open_group(distribution, resume)
     values = _element_values(distribution, site, dtype)  # (V,) + shape[1:]
-    flat = _Flat()
-    if isinstance(values, np.ndarray):  # the site is the flat enumeration's first member
-        leader = (id(frame.jaxpr), frame.index)
-        flat.add(leader, values)
-        # the site's probabilities do not depend on the rest: computed once, outside
-        alternatives = np.broadcast_to(values[:, None], (values.shape[0], n) + values.shape[1:])
-        flat.weights = _element_mass(_law(distribution, site), alternatives, n)  # (V, n)
+    if not isinstance(values, np.ndarray):
+        return _group(frame, n, lambda flat: lambda: _enumerate(
+            distribution, frame, env, dtype, site, n, flat, None), acc)
+    leader = (id(frame.jaxpr), frame.index)
+    # the site's probabilities do not depend on the rest: computed once, outside
+    alternatives = np.broadcast_to(values[:, None], (values.shape[0], n) + values.shape[1:])
+    weights = _element_mass(_law(distribution, site), alternatives, n)  # (V, n)
 
+    def build(flat):  # the site is the flat enumeration's first member
         def rest():
             value = flat.value(flat.position[leader], n)
             flat.visited.add(leader)
@@ -133,11 +180,10 @@ def enumerate_group(distribution, resume, acc, dtype, site: str):
             env2 = dict(env)
             _write(env2, frame.eqn, [sep.Val(L, arr=value, axis=0)])
             return _run(frame, env2, n, flat, weight)
-    else:
-        def rest():
-            return _enumerate(distribution, frame, env, dtype, site, n, flat, None)
-    _plan(flat, frame, n)
-    return _close_group(flat, rest, acc)
+
+        return rest
+
+    return _group(frame, n, build, acc, first=(leader, values, weights))
 
 
 class _Frame:
@@ -211,6 +257,31 @@ def _enumerate_plain(distribution, frame, env, dtype, site, n, flat, weight):
     weights = jax.vmap(lambda v: _mass(law, v))(values).reshape(size, -1).prod(-1)  # (V,)
     tags: list = []
 
+    leaves, invalid, later = jax.vmap(_folded_rest(frame, env, n, flat, weight, tags))(values)
+    if later is not None:
+        later = _weighted_sum(jax.lax.stop_gradient(weights), later, 1)
+    outs = []
+    for kind, leaf in zip(tags, leaves, strict=True):
+        if kind == P:
+            outs.append(sep.Val(P, arr=_weighted_sum(weights, leaf, 1)))
+        else:
+            vec, const = leaf
+            outs.append(sep.Val(S, vec=_weighted_sum(weights, vec, 1),
+                                const=None if const is None else _weighted_sum(weights, const, 1)))
+    return outs, _first_invalid(invalid), later
+
+
+def _folded_rest(frame, env, n, flat, weight, tags):
+    """`value -> (leaves, invalid, later)`: the tagged rest of the program with the site's
+    value plain, each later site's score and baseline terms folded into the outputs.
+
+    `y + sg(y)·A - B` is split into per-element terms `vec_i + sg(vec_i)·A` and `const +
+    sg(const)·A - B` (`sg(y)·A` is linear in the terms), so that a weighted sum over the
+    site's values multiplies each later score by the terms of its own value's branch, as
+    in `Enum.run`'s `vmap` over the interpreted continuation. `tags` receives the output
+    kinds (`P` or `S`); a leaf is `arr` (`P`) or `(vec, const)` (`S`).
+    """
+
     def evaluate(value):
         env2 = dict(env)
         _write(env2, frame.eqn, [sep.Val(P, arr=value)])
@@ -237,18 +308,193 @@ def _enumerate_plain(distribution, frame, env, dtype, site, n, flat, weight):
                 leaves.append(arr)
         return leaves, invalid, later
 
-    leaves, invalid, later = jax.vmap(evaluate)(values)
-    if later is not None:
-        later = _weighted_sum(jax.lax.stop_gradient(weights), later, 1)
+    return evaluate
+
+
+def _enumerate_other_plate(distribution, frame, env, dtype, site, n, flat, weight):
+    """Enumerate a `px.enum` site on *another* plate of `m` elements, per element.
+
+    The site's law does not depend on the group (its values are plain for the group's
+    tags) and the rest of the program is a sum of per-element terms in the site's own
+    elements, `y(b) = Σ_j g_j(b_j) + c` (checked first on the user's equations by
+    `_additive_rest`). Then, from a base value `b⁰` (each element's most probable value)
+    and the values `b⁰ ⊕_j v` that change element `j` only,
+
+        E[y] = y(b⁰) + Σ_j Σ_v q_j(v) · (y(b⁰ ⊕_j v) - y(b⁰)),
+
+    exactly (each difference is `g_j(v) - g_j(b⁰_j)`, and `Σ_v q_j(v) = 1`): `m·V + 1`
+    evaluations of the rest of the program, tagged for the group, in one vmap, instead
+    of the `V^m` joint values `_enumerate_plain` would sum over. The combination is linear,
+    so the group's per-element terms stay per element; later score terms are folded into
+    each evaluation first (`_folded_rest`). The gradient in `q` is that of the exact sum.
+    """
+    m = distribution.batch_shape[0]
+    law = _law(distribution, site)
+    values = jnp.asarray(_element_values(distribution, site, dtype))  # (V,) + shape[1:]
+    size = values.shape[0]
+    trailing = values.shape[1:]
+    q = _element_mass(law, jnp.broadcast_to(values[:, None], (size, m) + trailing), m)
+    base = values[jnp.argmax(jax.lax.stop_gradient(q), axis=0)]  # (m,) + shape[1:]
+    change = jnp.eye(m, dtype=bool).reshape((1, m, m) + (1,) * len(trailing))
+    alternatives = jnp.where(change, values[:, None, None], base[None, None])
+    alternatives = jnp.concatenate(
+        [alternatives.reshape((size * m, m) + trailing), base[None]], axis=0)
+    coefficients = q.reshape(size * m)  # alternative (v, j): q_j(v)
+    tags: list = []
+    leaves, invalid, later = jax.vmap(_folded_rest(frame, env, n, flat, weight, tags))(
+        alternatives)
+
+    def combine(leaf):  # leaf[-1] + Σ_a c_a (leaf[a] - leaf[-1])
+        return leaf[-1] + _weighted_sum(coefficients, leaf[:-1] - leaf[-1:], 1)
+
     outs = []
     for kind, leaf in zip(tags, leaves, strict=True):
         if kind == P:
-            outs.append(sep.Val(P, arr=_weighted_sum(weights, leaf, 1)))
+            outs.append(sep.Val(P, arr=combine(leaf)))
         else:
             vec, const = leaf
-            outs.append(sep.Val(S, vec=_weighted_sum(weights, vec, 1),
-                                const=None if const is None else _weighted_sum(weights, const, 1)))
-    return outs, _first_invalid(invalid), later
+            outs.append(sep.Val(S, vec=combine(vec),
+                                const=None if const is None else combine(const)))
+    return outs, _first_invalid(invalid), None if later is None else later[-1]
+
+
+def _mvd_plain(distribution, frame, env, key, dtype, site, n, flat, weight):
+    """MVD of a site that is not a member (no plate axis, another plate, or parameters
+    that do not depend on the group), inside the group, as `MVD.run` does it outside.
+
+    The rest of the program is evaluated with tags at the draw `x` and at each of its
+    perturbations (one entry changed at a time, whatever the rest of the program does with
+    them: the weak derivative of entry `j`'s law needs no separability), in one vmap; the
+    corrections `Σ_m φ̇_m c_m (k(x⁺_m) - k(x⁻_m))` are linear in the outputs, so the
+    group's per-element terms stay per element. Later score terms are folded into each
+    evaluation first (`_folded_rest`), with the same downstream randomness.
+    """
+    key_x, key_mvd = jax.random.split(key)
+    x = jax.lax.stop_gradient(distribution.sample(key_x)).astype(dtype)
+    shape = distribution.shape()
+    terms = []
+    stacked = x[None]
+    if frame.scope.surrogate:
+        x_flat = x.reshape(-1)
+        terms = _mvd_terms(_univariate_base(_law(distribution, site)), shape, x_flat, key_mvd)
+        alternatives = [x_flat[None]]
+        for term in terms:
+            rows = np.arange(term.element.size)
+            for values in (term.plus, term.minus):
+                if values is not None:
+                    alternatives.append(jnp.tile(x_flat, (term.element.size, 1))
+                                        .at[rows, term.element].set(values.astype(dtype)))
+        stacked = jnp.concatenate(alternatives, 0).reshape((-1,) + shape)
+    tags: list = []
+    leaves, invalid, later = jax.vmap(_folded_rest(frame, env, n, flat, weight, tags))(stacked)
+
+    def corrected(leaf):  # leaf[0] + Σ_m φ̇_m c_m (sg(leaf⁺_m) - sg(leaf⁻_m))
+        frozen = jax.lax.stop_gradient(leaf)
+        out, offset = leaf[0], 1
+        for term in terms:
+            size = term.element.size
+            plus = frozen[offset:offset + size]
+            offset += size
+            if term.minus is not None:
+                minus = frozen[offset:offset + size]
+                offset += size
+            else:
+                minus = frozen[:1]
+            coeff = (term.param - jax.lax.stop_gradient(term.param)) * jax.lax.stop_gradient(
+                term.weight)
+            coeff = coeff.reshape((size,) + (1,) * out.ndim).astype(out.dtype)
+            out = out + jnp.sum(coeff * (plus - minus), axis=0)
+        return out
+
+    outs = []
+    for kind, leaf in zip(tags, leaves, strict=True):
+        if kind == P:
+            outs.append(sep.Val(P, arr=corrected(leaf)))
+        else:
+            vec, const = leaf
+            outs.append(sep.Val(S, vec=corrected(vec),
+                                const=None if const is None else corrected(const)))
+    return outs, _first_invalid(invalid), None if later is None else later[0]
+
+
+def _additive_rest(frame, env, m) -> bool:
+    """Whether the rest of the program after `frame`'s site (on a plate of `m` elements) is
+    a sum of per-element terms in that site's elements, `Σ_j g_j(b_j) + c`.
+
+    Decided on the user's equations with the `_separable` tags for the site's plate (every
+    value computed before the site is plain for them): a later site must have a law that
+    does not depend on the site (its value is then plain), a call holding sites is
+    followed into, any other equation holding sites must have plain operands, and every
+    output of the program must be plain or separable. Evaluated on abstract values.
+    """
+    from ._interpreter import RULES, Resume, _call_rule, _closed
+
+    key = ("additive", id(frame.jaxpr), frame.index, m)
+    if key in _VERDICTS:
+        return _VERDICTS[key]
+    # everything the walk reads, abstracted: the frames' environments along the chain
+    chain, arrays = [], []
+    cont = frame
+    envs = [env]
+    while isinstance(cont, (_Frame, _Call, Resume)):
+        if cont is not frame:
+            envs.append(cont.env)
+        chain.append(cont)
+        cont = cont.cont
+    layouts = []
+    for e in envs:
+        names = list(e)
+        layouts.append(names)
+        arrays.append([v.array() if isinstance(v, sep.Val) else v for v in e.values()])
+
+    def run(jaxpr, start, env, slot_map):
+        for i in range(start + 1, len(jaxpr.eqns)):
+            eqn = jaxpr.eqns[i]
+            invals = [_read(env, a) for a in eqn.invars]
+            if i not in slot_map:
+                _write(env, eqn, sep.eval_eqn(eqn, invals, m))
+                continue
+            if eqn.primitive is not sample_p:
+                if RULES.get(eqn.primitive) is _call_rule:
+                    body, consts = _closed(eqn.params["call_jaxpr" if "call_jaxpr" in
+                                                       eqn.params else "jaxpr"])
+                    env_b = {var: sep.Val(P, arr=c) for var, c in zip(body.constvars, consts,
+                                                                      strict=True)}
+                    env_b.update(zip(body.invars, invals, strict=True))
+                    _write(env, eqn, run(body, -1, env_b, _slots_of(body)))
+                    continue
+            if any(v.kind != P for v in invals):
+                raise NotSeparable("a later site or control flow depends on the site")
+            _write(env, eqn, [sep.Val(P, arr=jnp.zeros(v.aval.shape, v.aval.dtype))
+                              for v in eqn.outvars])
+        return [_read(env, a) for a in jaxpr.outvars]
+
+    def check(arrays):
+        envs = [{var: sep.Val(P, arr=a) for var, a in zip(names, arrs, strict=True)}
+                for names, arrs in zip(layouts, arrays, strict=True)]
+        site = frame.eqn.outvars[0].aval
+        _write(envs[0], frame.eqn, [sep.Val(L, arr=jnp.zeros(site.shape, site.dtype),
+                                            axis=0)])
+        outs = run(frame.jaxpr, frame.index, envs[0], frame.scope.slots)
+        for link, e in zip(chain[:-1], envs[1:], strict=True):
+            target = link.cont
+            _write(e, target.jaxpr.eqns[target.index], outs)
+            outs = run(target.jaxpr, target.index, e, target.scope.slots)
+        if any(v.kind not in (P, S) for v in outs):
+            raise NotSeparable("the output is not a sum over the site's elements")
+        return jnp.zeros(())
+
+    def spec(x):
+        x = x if hasattr(x, "dtype") else jnp.asarray(x)
+        return jax.ShapeDtypeStruct(jnp.shape(x), x.dtype)
+
+    try:
+        jax.eval_shape(check, jax.tree.map(spec, arrays))
+        verdict = True
+    except NotSeparable:
+        verdict = False
+    _VERDICTS[key] = verdict
+    return verdict
 
 
 def mvd_group(distribution, resume, acc, key, dtype, site: str):
@@ -259,9 +505,8 @@ def mvd_group(distribution, resume, acc, key, dtype, site: str):
     n, env, frame = _open_group(distribution, resume)
     key_x, key_mvd = jax.random.split(key)
     x = jax.lax.stop_gradient(distribution.sample(key_x)).astype(dtype)
-    flat = _plan(_Flat(), frame, n)
-    return _close_group(
-        flat, lambda: _mvd(distribution, frame, env, x, key_mvd, site, n, flat, None), acc)
+    return _group(frame, n, lambda flat: lambda: _mvd(
+        distribution, frame, env, x, key_mvd, site, n, flat, None), acc)
 
 
 def _mvd(distribution, frame, env, x, key, site, n, flat, weight):
@@ -319,10 +564,8 @@ def reinforce_group(estimator, distribution, resume, acc, key, dtype, site: str)
         raise NotSeparable("the site is not Rao-Blackwellised per element")
     n, env, frame = _open_group(distribution, resume)
     x = jax.lax.stop_gradient(distribution.sample(key)).astype(dtype)  # as `local` draws
-    flat = _plan(_Flat(), frame, n)
-    return _close_group(
-        flat, lambda: _reinforce(estimator, distribution, frame, env, x, site, n, flat, None),
-        acc)
+    return _group(frame, n, lambda flat: lambda: _reinforce(
+        estimator, distribution, frame, env, x, site, n, flat, None), acc)
 
 
 def _reinforce(estimator, distribution, frame, env, x, site, n, flat, weight):
@@ -426,6 +669,11 @@ class _Flat:
         self.values = None  # inside the vmap: per member, its element value shape[1:]
         self.weights = None  # the first member's probabilities (V_0, n), if known outside
         self.visited: set = set()
+        # whether a site on a plate of the group's size whose law does not depend on the
+        # group may join it, its elements paired with the group's (`_joins`); the first
+        # attempt allows it, a retry after a failure that used it does not
+        self.plain_members = True
+        self.used_plain = False
 
     def add(self, key, table):
         self.position[key] = len(self.tables)
@@ -730,8 +978,8 @@ def _run_frame(frame, env, acc, n, flat, weight):
         key = scope.keys[slot]
         position = flat.position.get((id(frame.jaxpr), i))
         if position is not None:  # a member of the flat enumeration: its value is given
-            if not (isinstance(estimator, Enum) and _member(distribution, dist_tags, n,
-                                                            dtype=dtype)):
+            if not (isinstance(estimator, Enum) and _joins(flat, dist_tags) and _member(
+                    distribution, dist_tags, n, dtype=dtype)):
                 raise NotSeparable(f"the law of {params['label']} mixes the elements")
             value = flat.value(position, n)
             flat.visited.add((id(frame.jaxpr), i))
@@ -739,7 +987,8 @@ def _run_frame(frame, env, acc, n, flat, weight):
             weight = mass if weight is None else weight * mass.astype(weight.dtype)
             _write(env, eqn, [sep.Val(L, arr=value, axis=0)])
             continue
-        if isinstance(estimator, Enum) and _member(distribution, dist_tags, n, dtype=dtype):
+        if isinstance(estimator, Enum) and _joins(flat, dist_tags) and _member(
+                distribution, dist_tags, n, dtype=dtype):
             outs, score, baseline, inner, later = _enumerate(
                 distribution, _Frame(frame.jaxpr, i, scope, frame.cont), env, dtype,
                 params["label"], n, flat, weight)
@@ -750,7 +999,7 @@ def _run_frame(frame, env, acc, n, flat, weight):
                 distribution.batch_shape[0] == n):
             key_x, key_mvd = jax.random.split(key)
             x = jax.lax.stop_gradient(distribution.sample(key_x)).astype(dtype)
-            if _member(distribution, dist_tags, n, x):
+            if _joins(flat, dist_tags) and _member(distribution, dist_tags, n, x):
                 outs, score, baseline, inner, later = _mvd(
                     distribution, _Frame(frame.jaxpr, i, scope, frame.cont), env, x, key_mvd,
                     params["label"], n, flat, weight)
@@ -760,7 +1009,7 @@ def _run_frame(frame, env, acc, n, flat, weight):
         if isinstance(estimator, Reinforce) and estimator.rao_blackwellise and (
                 _factorisable(distribution) and distribution.batch_shape[0] == n):
             x = jax.lax.stop_gradient(distribution.sample(key)).astype(dtype)
-            if _member(distribution, dist_tags, n, x):
+            if _joins(flat, dist_tags) and _member(distribution, dist_tags, n, x):
                 outs, score, baseline, inner, later = _reinforce(
                     estimator, distribution, _Frame(frame.jaxpr, i, scope, frame.cont), env,
                     x, params["label"], n, flat, weight)
@@ -768,9 +1017,24 @@ def _run_frame(frame, env, acc, n, flat, weight):
                 return _Done((outs, acc.score, acc.baseline, _merge_invalid(acc.invalid, inner),
                               later))
         if all(v.kind == P for v in dist_tags):
+            if isinstance(estimator, Enum) and _factorisable(distribution) and (
+                    _additive_rest(_Frame(frame.jaxpr, i, scope, frame.cont), env,
+                                   distribution.batch_shape[0])):
+                # on another plate, the rest additive in its elements: per element
+                outs, inner, later = _enumerate_other_plate(
+                    distribution, _Frame(frame.jaxpr, i, scope, frame.cont), env, dtype,
+                    params["label"], n, flat, weight)
+                return _Done((outs, acc.score, acc.baseline, _merge_invalid(acc.invalid, inner),
+                              later))
             if isinstance(estimator, Enum):  # not a member: summed over, plain values
                 outs, inner, later = _enumerate_plain(
                     distribution, _Frame(frame.jaxpr, i, scope, frame.cont), env, dtype,
+                    params["label"], n, flat, weight)
+                return _Done((outs, acc.score, acc.baseline, _merge_invalid(acc.invalid, inner),
+                              later))
+            if isinstance(estimator, MVD):  # not a member: one entry perturbed at a time
+                outs, inner, later = _mvd_plain(
+                    distribution, _Frame(frame.jaxpr, i, scope, frame.cont), env, key, dtype,
                     params["label"], n, flat, weight)
                 return _Done((outs, acc.score, acc.baseline, _merge_invalid(acc.invalid, inner),
                               later))
