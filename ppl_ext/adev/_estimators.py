@@ -315,7 +315,11 @@ class Reinforce(AbstractLocalEstimator):
     which drops the other elements' terms (zero in expectation, not in variance). This
     needs the rest of the program, so it applies outside loop bodies and when
     `rao_blackwellise` is true (the default); otherwise the score of the summed log
-    density multiplies the whole `y - b`.
+    density multiplies the whole `y - b`. Inside the group of a site on another plate
+    (a plate of another size, the site's law free of that group's elements, no
+    baseline), element `i`'s score multiplies `y(x) - y(x with x_i redrawn)` instead: the
+    reference term has mean zero whatever `y` is, and the difference is `g_i(x_i) -
+    g_i(x'_i)` where `y` adds up terms per element.
 
     **Rao-Blackwellisation along the dependency graph.** A site at the top level of the
     program (not inside a loop, cond, call or nested expectation), without a baseline,

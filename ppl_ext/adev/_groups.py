@@ -29,8 +29,10 @@ the code their estimators generate:
   - `px.reinforce` members: the rest of the program at the draw; element `i`'s score
     multiplies element `i`'s term only, minus its per-element baseline (`_reinforce`);
 - a site whose parameters do not depend on the group and that is not on the plate: drawn
-  by its (local) estimator as usual, its score terms accumulate as usual (a
-  `px.reinforce` site on another plate: the score of the whole site, not per element);
+  by its (local) estimator as usual, its score terms accumulate as usual;
+  - a `px.reinforce` one on another plate (no baseline, at most `MAX_OTHER_PLATE`
+    elements): scored per element of its own plate against an independent reference
+    draw of each element (`_reinforce_other_plate`; `m + 1` evaluations);
   - a `px.enum` one on another plate of `m` elements, where the rest of the program is a
     sum of terms per element of *that* plate (`_additive_rest`, on the user's equations),
     is summed over per element: `m·V + 1` evaluations of the rest with tags, each changing
@@ -414,6 +416,54 @@ def _mvd_plain(distribution, frame, env, key, dtype, site, n, flat, weight):
             vec, const = leaf
             outs.append(sep.Val(S, vec=corrected(vec),
                                 const=None if const is None else corrected(const)))
+    return outs, _first_invalid(invalid), None if later is None else later[0]
+
+
+#: Largest other plate whose `px.reinforce` site is scored per element inside a group
+#: (`m + 1` evaluations of the rest of the program); beyond it, the score of the whole site.
+MAX_OTHER_PLATE = 1024
+
+
+def _reinforce_other_plate(distribution, frame, env, key, dtype, site, n, flat, weight):
+    """A `px.reinforce` site on another plate of `m` elements (its law free of the group,
+    no baseline), scored per element of its own plate inside the group (surrogate mode).
+
+    With a second, independent draw `x'` and `x ⊕_j x'_j` (the draw with element `j`
+    replaced by `x'_j`), element `j`'s score multiplies `y(x) - y(x ⊕_j x'_j)`:
+
+        y(x) + Σ_j (log q_j(x_j) - sg) · sg(y(x) - y(x ⊕_j x'_j)).
+
+    `y(x ⊕_j x'_j)` does not depend on `x_j`, so each reference term has zero mean and the
+    estimate is unbiased for any `y`; where `y = Σ_j g_j(x_j) + c` (an ELBO over the
+    plate's data points) the difference is `g_j(x_j) - g_j(x'_j)`: element `j`'s score
+    multiplies its own term only, as per element in a group. `m + 1` evaluations of the
+    rest of the program with tags, in one vmap (the combination is linear, so the group's
+    per-element terms stay per element); later score terms are folded into each first.
+    """
+    m = distribution.batch_shape[0]
+    x = jax.lax.stop_gradient(distribution.sample(key)).astype(dtype)  # as `local` draws
+    reference = jax.lax.stop_gradient(
+        distribution.sample(jax.random.fold_in(key, 1))).astype(dtype)
+    change = jnp.eye(m, dtype=bool).reshape((m, m) + (1,) * (x.ndim - 1))
+    stacked = jnp.concatenate([x[None], jnp.where(change, reference[None], x[None])], axis=0)
+    log_q = _element_log_density(_law(distribution, site), x[None], m)[0]  # (m,)
+    scores = log_q - jax.lax.stop_gradient(log_q)
+    tags: list = []
+    leaves, invalid, later = jax.vmap(_folded_rest(frame, env, n, flat, weight, tags))(stacked)
+
+    def scored(leaf):  # leaf[0] + Σ_j s_j sg(leaf[0] - leaf[1 + j])
+        diff = jax.lax.stop_gradient(leaf[:1] - leaf[1:])  # (m,) + shape
+        s = scores.reshape((m,) + (1,) * (diff.ndim - 1)).astype(diff.dtype)
+        return leaf[0] + jnp.sum(s * diff, axis=0)
+
+    outs = []
+    for kind, leaf in zip(tags, leaves, strict=True):
+        if kind == P:
+            outs.append(sep.Val(P, arr=scored(leaf)))
+        else:
+            vec, const = leaf
+            outs.append(sep.Val(S, vec=scored(vec),
+                                const=None if const is None else scored(const)))
     return outs, _first_invalid(invalid), None if later is None else later[0]
 
 
@@ -1034,6 +1084,14 @@ def _run_frame(frame, env, acc, n, flat, weight):
                               later))
             if isinstance(estimator, MVD):  # not a member: one entry perturbed at a time
                 outs, inner, later = _mvd_plain(
+                    distribution, _Frame(frame.jaxpr, i, scope, frame.cont), env, key, dtype,
+                    params["label"], n, flat, weight)
+                return _Done((outs, acc.score, acc.baseline, _merge_invalid(acc.invalid, inner),
+                              later))
+            if (isinstance(estimator, Reinforce) and estimator.rao_blackwellise
+                    and estimator._baseline_value() is None and _factorisable(distribution)
+                    and distribution.batch_shape[0] <= MAX_OTHER_PLATE and scope.surrogate):
+                outs, inner, later = _reinforce_other_plate(
                     distribution, _Frame(frame.jaxpr, i, scope, frame.cont), env, key, dtype,
                     params["label"], n, flat, weight)
                 return _Done((outs, acc.score, acc.baseline, _merge_invalid(acc.invalid, inner),

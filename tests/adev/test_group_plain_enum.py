@@ -296,9 +296,9 @@ def test_score_site_after_the_other_plate():
 
     f = px.expectation(program)
     theta = jnp.concatenate([THETA_AB, jnp.array([0.4])])
-    assert_unbiased(many(lambda k: f(k, theta), num=20_000), exact(theta), what="value")
-    assert_unbiased(many(lambda k: f.grad(k, theta), num=20_000), jax.grad(exact)(theta),
-                    what="gradient")
+    values, grads = many(lambda k: f.value_and_grad(k, theta), num=20_000)
+    assert_unbiased(values, exact(theta), what="value")
+    assert_unbiased(grads, jax.grad(exact)(theta), what="gradient")
 
 
 def test_mvd_site_on_another_plate_inside_an_enum_group():
@@ -322,9 +322,40 @@ def test_mvd_site_on_another_plate_inside_an_enum_group():
 
     f = px.expectation(program)
     theta = jnp.linspace(-1.0, 1.0, n + m)
-    assert_unbiased(many(lambda k: f(k, theta), num=20_000), exact(theta), what="value")
-    assert_unbiased(many(lambda k: f.grad(k, theta), num=20_000), jax.grad(exact)(theta),
-                    what="gradient")
+    values, grads = many(lambda k: f.value_and_grad(k, theta), num=20_000)
+    assert_unbiased(values, exact(theta), what="value")
+    assert_unbiased(grads, jax.grad(exact)(theta), what="gradient")
+
+
+def test_reinforce_site_on_another_plate_is_scored_per_element():
+    """A `px.reinforce` site on another plate (8 elements) inside a 12-element enum group:
+    element j's score multiplies `y(x) - y(x with x_j redrawn)`. Unbiased value and
+    gradient (2·10^4 estimates, K_SE = 4) even where `y` is not additive in it (`(Σ b)^2`),
+    and its gradient variance far below the whole site's score (measured: 1.4k against
+    126k), which is what the site got inside a group before."""
+    n, m = 12, 8
+    w, u = jnp.linspace(-1.0, 2.0, n), jnp.linspace(0.5, -1.5, m)
+
+    def program(theta, estimator):
+        a = px.sample(dist.Bernoulli(logits=theta[:n]), px.enum)
+        b = px.sample(dist.Bernoulli(logits=theta[n:]), estimator)
+        return (jnp.sum(a * w) * jnp.sum(b * u) + jnp.sum(b) ** 2 * jnp.sum(a)
+                + 30.0 * jnp.sum(a))
+
+    def exact(theta):
+        pa, pb = jax.nn.sigmoid(theta[:n]), jax.nn.sigmoid(theta[n:])
+        sum_b_squared = jnp.sum(pb) ** 2 - jnp.sum(pb ** 2) + jnp.sum(pb)
+        return (jnp.sum(pa * w) * jnp.sum(pb * u) + sum_b_squared * jnp.sum(pa)
+                + 30.0 * jnp.sum(pa))
+
+    theta = jnp.linspace(-1.0, 1.0, n + m)
+    f = px.expectation(lambda t: program(t, px.reinforce))
+    values, grads = many(lambda k: f.value_and_grad(k, theta), num=20_000)
+    assert_unbiased(values, exact(theta), what="value")
+    assert_unbiased(grads, jax.grad(exact)(theta), what="gradient")
+    whole = px.expectation(lambda t: program(t, px.Reinforce(rao_blackwellise=False)))
+    whole_grads = many(lambda k: whole.grad(k, theta), num=2_000)
+    assert float(jnp.sum(grads.var(0)[n:])) < 0.1 * float(jnp.sum(whole_grads.var(0)[n:]))
 
 
 def test_other_plate_refused_where_the_rest_is_not_additive_in_it():
