@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: setup demo test docs benchmarks pyro-venv particles-venv torchgfn-venv
+.PHONY: setup demo test docs benchmarks pyro-venv particles-venv torchgfn-venv torchcfm-venv
 
 setup: $(STAMP)
 
@@ -39,7 +39,7 @@ test: setup
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
-benchmarks: setup pyro-venv particles-venv torchgfn-venv
+benchmarks: setup pyro-venv particles-venv torchgfn-venv torchcfm-venv
 	$(VENV_PYTHON) -m pip install --quiet -e ".[benchmarks]"
 	$(VENV_PYTHON) benchmarks/bench_adev.py
 	$(VENV_PYTHON) benchmarks/bench_vae.py
@@ -53,7 +53,12 @@ benchmarks: setup pyro-venv particles-venv torchgfn-venv
 	$(VENV_PYTHON) benchmarks/bench_ppg.py
 	$(VENV_PYTHON) benchmarks/bench_curvature.py
 	$(VENV_PYTHON) benchmarks/bench_gfn.py
+	$(VENV_PYTHON) benchmarks/bench_cfm.py
+	$(VENV_PYTHON) benchmarks/bench_straightness.py
+	$(VENV_PYTHON) benchmarks/bench_gfn_sets.py
 	$(VENV_PYTHON) benchmarks/bench_sns.py
+	$(VENV_PYTHON) benchmarks/bench_zo.py
+	$(VENV_PYTHON) benchmarks/bench_pg.py
 
 # Pyro (a comparison peer only) in its own environment: the CPU wheel of torch 2.13.0 here
 # is for Python 3.11, and pip on 3.12 would fetch CUDA packages.
@@ -80,3 +85,11 @@ torchgfn-venv: .venv-torchgfn/.installed
 	$(PYRO_PYTHON) -m venv .venv-torchgfn
 	.venv-torchgfn/bin/python -m pip install --quiet torch==2.13.0 torchgfn "numpy<2"
 	touch .venv-torchgfn/.installed
+
+# torchcfm (a comparison peer only): torch==2.13.0 in the same pip command (CPU wheel).
+torchcfm-venv: .venv-torchcfm/.installed
+
+.venv-torchcfm/.installed:
+	$(PYRO_PYTHON) -m venv .venv-torchcfm
+	.venv-torchcfm/bin/python -m pip install --quiet torch==2.13.0 torchcfm==1.0.7
+	touch .venv-torchcfm/.installed

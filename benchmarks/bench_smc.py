@@ -82,6 +82,14 @@ def worker() -> int:
             paths = pf.hist.backward_sampling_ON2(n)
             seconds = time.perf_counter() - start
             estimate = float(np.mean(np.sum(np.asarray(paths), axis=0)))
+        elif task["name"] == "ffbs_hybrid":  # Dau and Chopin's hybrid rejection, max_trials=N
+            pf = particles.SMC(fk=fk, N=n, resampling="systematic", ESSrmin=1.0,
+                               store_history=True)
+            pf.run()
+            start = time.perf_counter()
+            paths = pf.hist.backward_sampling_reject(n)
+            seconds = time.perf_counter() - start
+            estimate = float(np.mean(np.sum(np.asarray(paths), axis=0)))
         else:  # paris
             pf = particles.SMC(fk=fk, N=n, resampling="systematic", ESSrmin=1.0,
                                collect=[collectors.Paris(Nparis=2)])
@@ -120,6 +128,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small N and T, one repeat")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--heavy-repeats", type=int, default=2,
+                   help="repeats of the rows where particles takes seconds per run (filter "
+                   "N=10^4 T=10^3, FFBS O(N^2) and PaRIS)")
+    p.add_argument("--smoother-sizes", default="100,1000",
+                   help="the N of the smoother rows (T = 100), comma-separated")
+    p.add_argument("--bias-runs", type=int, default=12,
+                   help="particles' runs per smoother in the bias table (ppl_ext: 10x)")
     p.add_argument("--threads", choices=("1", "default"), default="1")
     p.add_argument("--no-results", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -145,9 +160,14 @@ def main(argv=None) -> int:
     model, params = ssm.linear_gaussian_1d, ssm.LINEAR_GAUSSIAN_1D_PARAMS
     if args.quick:
         filters, smoothers, repeats = [(100, 100), (1000, 100)], [(100, 100)], 1
+        args.heavy_repeats, args.bias_runs = 1, 2
     else:
         filters = [(n, t) for t in (100, 1000) for n in (100, 1000, 10_000)]
-        smoothers, repeats = [(100, 100), (1000, 100)], args.repeats
+        smoothers = [(int(n), 100) for n in args.smoother_sizes.split(",")]
+        repeats = args.repeats
+    # particles' O(N²) FFBS and its PaRIS collector take seconds per run
+    heavy = {("filter", 10_000, 1000)} | {(name, n, t) for n, t in smoothers
+                                          for name in ("ffbs", "paris")}
     series = {t: np.asarray(ssm.generate_data(model, params, t, seed=0)[1], np.float64)
               for t in {t for _, t in filters + smoothers}}
     from tests.smc.kalman import kalman, lg1_matrices  # NumPy float64, no ppl_ext
@@ -165,11 +185,19 @@ def main(argv=None) -> int:
             def run(key):
                 return smc.filter(key, model, params, ys, num_particles=n,
                                   store_particles=False).log_likelihood
-        elif name == "ffbs":
+        elif name in ("ffbs", "ffbs_hybrid"):
             result = smc.filter(jax.random.key(99), model, params, ys, num_particles=n)
+            hybrid = (lambda p_, tt, u: bound) if name == "ffbs_hybrid" else None
 
             def run(key):
-                paths = smc.ffbs(key, model, params, result, num_samples=n)
+                paths = smc.ffbs(key, model, params, result, num_samples=n,
+                                 log_transition_bound=hybrid)
+                return jnp.mean(jnp.sum(paths, axis=1))
+        elif name == "ffbs_full":  # the filter too (each run its own filter: the bias table)
+            def run(key):
+                key_filter, key_back = jax.random.split(key)
+                result = smc.filter(key_filter, model, params, ys, num_particles=n)
+                paths = smc.ffbs(key_back, model, params, result, num_samples=n)
                 return jnp.mean(jnp.sum(paths, axis=1))
         else:
             def run(key):
@@ -191,14 +219,15 @@ def main(argv=None) -> int:
 
     rows = []
     tasks = [("filter", n, t) for n, t in filters] + [
-        (name, n, t) for name in ("ffbs", "paris") for n, t in smoothers]
+        (name, n, t) for name in ("ffbs", "ffbs_hybrid", "paris") for n, t in smoothers]
     for name, n, t in tasks:
+        repeats_here = args.heavy_repeats if (name, n, t) in heavy else repeats
         call, compile_s = ours(name, n, t)
         call(10_000)  # warm-up, both sides (the worker's first task also pays its imports)
         worker_proc.run({"name": name, "num_particles": n, "ys": series[t].tolist(),
                          "seed": 10_000})
         mine, theirs = [], []
-        for r in range(repeats):  # interleaved
+        for r in range(repeats_here):  # interleaved
             mine.append(call(r))
             answer = worker_proc.run({"name": name, "num_particles": n, "ys": series[t].tolist(),
                                       "seed": r})
@@ -206,12 +235,70 @@ def main(argv=None) -> int:
         t_mine = statistics.median(s for s, _ in mine)
         t_theirs = statistics.median(s for s, _ in theirs)
         reference = f"{exact[t][0]:.3f}" if name == "filter" else f"{exact[t][1]:.3f}"
-        rows.append([name, n, t, f"{t_mine:.4f}", f"{t_theirs:.3f}",
+        rows.append([name, n, t, repeats_here, f"{t_mine:.4f}", f"{t_theirs:.3f}",
                      f"{t_theirs / t_mine:.0f}x", f"{compile_s:.2f}",
                      f"{np.mean([v for _, v in mine]):.3f}",
                      f"{np.mean([v for _, v in theirs]):.3f}", reference])
         log("  " + " | ".join(map(str, rows[-1])))
+
+    # same bias and spread as particles at equal N: each run its own filter and smoother
+    bias_rows = []
+    n_bias, t_bias = (100, 100)
+    runs_theirs, runs_mine = args.bias_runs, 10 * args.bias_runs
+    truth = exact[t_bias][1]
+    for label, mine_name, their_name in (("FFBS O(N²)", "ffbs_full", "ffbs"),
+                                         ("PaRIS (Ñ = 2, hybrid)", "paris", "paris")):
+        call, _ = ours(mine_name, n_bias, t_bias)
+        mine = [call(20_000 + r)[1] for r in range(runs_mine)]
+        theirs = [worker_proc.run({"name": their_name, "num_particles": n_bias,
+                                   "ys": series[t_bias].tolist(), "seed": 20_000 + r}
+                                  )["estimate"] for r in range(runs_theirs)]
+        for side, values in (("ppl_ext", mine), ("particles", theirs)):
+            values = np.asarray(values)
+            bias_rows.append([label, side, n_bias, t_bias, len(values),
+                              f"{values.mean() - truth:+.3f} ± "
+                              f"{values.std(ddof=1) / np.sqrt(len(values)):.3f}",
+                              f"{values.std(ddof=1):.3f}", f"{truth:.3f}"])
+            log("  " + " | ".join(map(str, bias_rows[-1])))
     worker_proc.close()
+
+    # PaRIS cost against N (ppl_ext only: particles' PaRIS takes ~30 s at N = 10^3)
+    scaling_rows = []
+    for n in (100, 1000, 10_000):
+        call, compile_s = ours("paris", n, 100)
+        seconds = statistics.median(call(r)[0] for r in range(3))
+        scaling_rows.append([n, 100, f"{seconds:.4f}", f"{seconds / (n * 99) * 1e9:.0f}",
+                             f"{compile_s:.2f}"])
+        log("  " + " | ".join(map(str, scaling_rows[-1])))
+
+    # XLA's memory analysis of the compiled programs (no run): temp bytes against T and N
+    def temp_bytes(kind, n, t):
+        ys = jnp.zeros(t, jnp.float32)
+        def add(xp, x, tt, u):
+            return x
+        if kind == "paris":
+            def f(key, ys):
+                return smc.paris(key, model, params, ys, add, num_particles=n,
+                                 log_transition_bound=lambda p_, tt, u: bound).estimate
+        elif kind == "ppg":
+            def f(key, ys):
+                return smc.ppg(key, model, params, ys, add, num_particles=n, num_sweeps=4,
+                               num_burnin=1,
+                               log_transition_bound=lambda p_, tt, u: bound).estimate
+        else:  # the stored filter that FFBS needs: O(N T)
+            def f(key, ys):
+                return smc.filter(key, model, params, ys, num_particles=n).particles
+        analysis = jax.jit(f).lower(jax.random.key(0), ys).compile().memory_analysis()
+        return analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+
+    memory_rows = []
+    for kind, sizes in (("paris", (100, 10_000)), ("ppg", (100, 1000)),
+                        ("filter (stored, for FFBS)", (100,))):
+        for n in sizes:
+            short, long = (temp_bytes(kind.split()[0], n, t) for t in (50, 400))
+            memory_rows.append([kind, n, f"{short / 1024:.1f}", f"{long / 1024:.1f}",
+                                f"{(long - short) / 350:.1f}"])
+            log("  " + " | ".join(map(str, memory_rows[-1])))
     body = (
         results_heading("bench_smc.py", command, versions(("jax", "numpy", "blackjax")))
         + f"- machine: {machine()}; load before the run {load_average()}; threads: "
@@ -220,9 +307,24 @@ def main(argv=None) -> int:
         "- particles 0.4 (numpy<2) in a worker subprocess; linear-Gaussian model with "
         "particles' LinearGauss defaults; systematic resampling at every step; estimates: "
         "log p(y) (filter), E[Σ x_t | y] (ffbs, paris), means over the repeats\n\n"
-        + markdown_table(["task", "N", "T", "ppl_ext s", "particles s", "speed-up",
+        + markdown_table(["task", "N", "T", "repeats", "ppl_ext s", "particles s", "speed-up",
                           "ppl_ext compile s", "ppl_ext estimate", "particles estimate",
-                          "exact (Kalman)"], "lrrrrrrrrr", rows)
+                          "exact (Kalman)"], "lrrrrrrrrrr", rows)
+        + "\n\n- ffbs_hybrid: ppl_ext `ffbs(..., log_transition_bound=...)` (10 "
+        "accept-reject rounds, then exact draws), particles `backward_sampling_reject(N)`\n"
+        f"- bias and spread at equal N: E[Σ x_t | y], each run its own filter and smoother "
+        f"(seeds 20000 + r), exact RTS value {truth:.3f}; bias ± its standard error\n\n"
+        + markdown_table(["smoother", "library", "N", "T", "runs", "bias ± se", "sd",
+                          "exact"], "llrrrrrr", bias_rows)
+        + "\n\n- PaRIS (Ñ = 2, hybrid backward draws) cost against N, ppl_ext only, T = 100,"
+        " median of 3 runs\n\n"
+        + markdown_table(["N", "T", "s", "ns per particle-step", "compile s"], "rrrrr",
+                         scaling_rows)
+        + "\n\n- XLA memory analysis (`jit(f).lower(...).compile().memory_analysis()`, "
+        "temp + output bytes, float32): PaRIS and PPG (4 sweeps) keep O(N) per step, PPG's "
+        "reference trajectory adds O(T); the stored filter that FFBS reads grows as N·T\n\n"
+        + markdown_table(["program", "N", "KiB at T = 50", "KiB at T = 400",
+                          "bytes per extra step"], "lrrrr", memory_rows)
     )
     log(body)
     return report(body, args.no_results)

@@ -12,9 +12,11 @@ coupling (`IndependentCoupling`, `ExactOTCoupling`, `EntropicOTCoupling`), train
 
 from ._couplings import (
     AbstractCoupling as AbstractCoupling,
+    AuctionOTCoupling as AuctionOTCoupling,
     EntropicOTCoupling as EntropicOTCoupling,
     ExactOTCoupling as ExactOTCoupling,
     IndependentCoupling as IndependentCoupling,
+    auction_assignment as auction_assignment,
     squared_distances as squared_distances,
 )
 from ._density import (
@@ -22,6 +24,15 @@ from ._density import (
     log_density as log_density,
 )
 from ._fields import MLPField as MLPField, score_from_velocity as score_from_velocity
+from ._kinetic import (
+    DataSeparation as DataSeparation,
+    KineticEnergy as KineticEnergy,
+    KineticOptimalPath as KineticOptimalPath,
+    conditional_kinetic_energy as conditional_kinetic_energy,
+    data_separation as data_separation,
+    marginal_kinetic_energy as marginal_kinetic_energy,
+    marginal_velocity as marginal_velocity,
+)
 from ._losses import (
     denoiser_loss as denoiser_loss,
     drift_loss as drift_loss,
@@ -45,22 +56,31 @@ __all__ = [
     "AbstractCoupling",
     "AbstractGamma",
     "AbstractPath",
+    "AuctionOTCoupling",
     "BridgeGamma",
+    "DataSeparation",
     "EntropicOTCoupling",
     "ExactOTCoupling",
     "FlowDistribution",
     "FlowModel",
     "IndependentCoupling",
+    "KineticEnergy",
+    "KineticOptimalPath",
     "LinearPath",
     "MLPField",
     "ParabolicGamma",
     "TrigonometricPath",
     "VPPath",
     "ZeroGamma",
+    "conditional_kinetic_energy",
+    "data_separation",
+    "auction_assignment",
     "denoiser_loss",
     "drift_loss",
     "hutchinson_log_density",
     "log_density",
+    "marginal_kinetic_energy",
+    "marginal_velocity",
     "ode_sample",
     "score_from_velocity",
     "score_loss",

@@ -47,6 +47,16 @@ from ._newton import (
     NewtonInfo as NewtonInfo,
     NewtonState as NewtonState,
 )
+from ._pg import (
+    NormalisedHARPG as NormalisedHARPG,
+    NormalisedPGIGT as NormalisedPGIGT,
+    PolicyGradientState as PolicyGradientState,
+    decaying_step_size as decaying_step_size,
+)
+from ._pg_envs import (
+    LinearQuadraticRegulator as LinearQuadraticRegulator,
+    TabularMDP as TabularMDP,
+)
 from ._spectrum import (
     SpectrumResult as SpectrumResult,
     hessian_spectrum as hessian_spectrum,
@@ -100,6 +110,12 @@ __all__ = [
     "MatrixFreeHessian",
     "NewtonInfo",
     "NewtonState",
+    "NormalisedHARPG",
+    "NormalisedPGIGT",
+    "PolicyGradientState",
+    "decaying_step_size",
+    "LinearQuadraticRegulator",
+    "TabularMDP",
     "dequantize",
     "quantize",
     "rank_by_objective",

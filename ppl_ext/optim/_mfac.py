@@ -12,13 +12,25 @@ By the Woodbury identity
 
     F⁻¹ v = (v - Gᵀ (m λ I + G Gᵀ)⁻¹ G v) / λ,
 
-so only the `m × m` Gram matrix `G Gᵀ` is needed besides `G`. Per gradient the window
-replaces its oldest row (a ring buffer) and one row and column of the Gram matrix
-(`O(d m)`), and refactors `m λ I + G Gᵀ` by Cholesky (`O(m³)`, the paper's bound for
-adding or removing a gradient; its LU without pivoting of the same symmetric positive
-definite matrix is this factorisation up to scaling); a product costs `O(d m + m²)`.
-Unfilled slots hold zeros, so while the window fills `F` is `λ I + (1/m) Σ_{i ≤ t} g_i
-g_iᵀ` with the paper's fixed `1/m`.
+so only the `m × m` matrix `B = m λ I + G Gᵀ` is needed besides `G`. Per gradient the
+window replaces its oldest row (a ring buffer): `O(d m)` for the new dot products `G g`.
+The paper refactors `B` after each replacement (`O(m³)`); here the Cholesky factor of `B`
+is kept *in age order* (oldest gradient first) and updated in `O(m²)`:
+
+* removing the oldest gradient deletes the first row and column of `B`; for
+  `L = [[l₀₀, 0], [l, L₂₂]]` the factor of the remaining block `L₂₂L₂₂ᵀ + l lᵀ` is a
+  rank-one *update* (never a downdate) `L₂₂ C`, with `C = chol(I + p pᵀ)`, `p = L₂₂⁻¹ l`,
+  in closed form: `C_kk = √(s_k / s_{k-1})`, `C_ik = p_i p_k / √(s_k s_{k-1})` (`i > k`),
+  `s_k = 1 + Σ_{j ≤ k} p_j²`, so `L₂₂ C` is a scaled copy of `L₂₂` plus suffix sums of its
+  columns (`O(m²)`, vectorised);
+* appending the new gradient adds a last row `xᵀ = (L⁻¹ b)ᵀ` (`b` its dot products with
+  the others) and the diagonal `√(m λ + ‖g‖² - ‖x‖²)`, one triangular solve.
+
+Both steps are backward stable (no downdate, no explicit inverse), so nothing drifts over
+long runs. A product then costs two triangular solves (`O(m²)`) and two `(m, d)` matrix
+products (`O(d m)`): `O(d m + m²)` per step in all. Unfilled slots hold zeros (the
+"oldest" gradients), so while the window fills `F` is `λ I + (1/m) Σ_{i ≤ t} g_i g_iᵀ`
+with the paper's fixed `1/m`.
 """
 
 from __future__ import annotations
@@ -35,14 +47,19 @@ from ._cbo import _check_count, _check_positive
 
 
 class MFACState(NamedTuple):
-    """State of `mfac`: the gradient window, its Gram matrix and the step count.
+    """State of `mfac`: the gradient window, its Gram matrix and Cholesky factor, the count.
 
     Attributes:
         gradients: `(num_gradients, d)` the window `G` of flattened gradients (a ring
             buffer; unfilled rows are zero).
-        gram: `(num_gradients, num_gradients)` the Gram matrix `G Gᵀ`.
+        gram: `(num_gradients, num_gradients)` the Gram matrix `G Gᵀ` (ring order).
         count: int32 scalar, the number of gradients inserted so far (the next one goes
             to row `count % num_gradients`).
+        factor: `(num_gradients, num_gradients)` lower Cholesky factor of
+            `m λ I + G Gᵀ` with rows and columns in age order (position `k` is row
+            `(count + k) % num_gradients` of `gradients`, oldest first), kept by `mfac`
+            for its damping; `None` in a state built by hand (`mfac_inverse_product`
+            does not use it).
 
     Example:
         >>> import jax.numpy as jnp
@@ -54,13 +71,16 @@ class MFACState(NamedTuple):
     gradients: jax.Array
     gram: jax.Array
     count: jax.Array
+    factor: jax.Array | None = None
 
 
 def mfac_inverse_product(state: MFACState, vector: jax.Array, damping: float) -> jax.Array:
     """`F⁻¹ v` for the window of `state`: `F = damping · I + GᵀG / num_gradients`.
 
     By the Woodbury identity `F⁻¹ v = (v - Gᵀ (m λ I + G Gᵀ)⁻¹ G v) / λ`, with a Cholesky
-    solve of the `m × m` system (`O(d m + m³)` here; `mfac` reuses the factorisation).
+    factorisation of the `m × m` system built from `state.gram` (`O(d m + m³)`: any
+    damping is allowed here; `mfac` itself keeps the factor for its own damping and
+    updates it in `O(m²)`).
 
     Args:
         state: an `MFACState` (its `gradients` and `gram`).
@@ -78,24 +98,50 @@ def mfac_inverse_product(state: MFACState, vector: jax.Array, damping: float) ->
         >>> tuple(float(x) for x in mfac_inverse_product(state, jnp.ones(2), 0.5))
         (1.0, 2.0)
     """
+    _check_positive("mfac_inverse_product", "damping", damping)
     vector = jnp.asarray(vector)
     if vector.shape != state.gradients.shape[1:]:
         raise ValueError(
             f"mfac_inverse_product: vector has shape {vector.shape}, the window's gradients "
             f"have shape {state.gradients.shape[1:]}.")
-    factor = _factor(state.gram, damping)
-    return _solve(state.gradients, factor, vector, damping)
+    num_gradients = state.gram.shape[0]
+    system = state.gram + num_gradients * damping * jnp.eye(num_gradients, dtype=state.gram.dtype)
+    coefficients = jsl.cho_solve(jsl.cho_factor(system, lower=True), state.gradients @ vector)
+    return (vector - coefficients @ state.gradients) / damping
 
 
-def _factor(gram, damping):
-    num_gradients = gram.shape[0]
-    system = gram + num_gradients * damping * jnp.eye(num_gradients, dtype=gram.dtype)
-    return jsl.cho_factor(system, lower=True)
+def _rank_one_update(factor: jax.Array, vector: jax.Array) -> jax.Array:
+    """Lower Cholesky factor of `factor factorᵀ + vector vectorᵀ` in `O(n²)`, vectorised.
+
+    `L L̃ᵀ = L (I + p pᵀ) Lᵀ` with `p = L⁻¹ v`, and `chol(I + p pᵀ) = diag(c) + strict
+    lower part of p qᵀ` (`c_k = √(s_k/s_{k-1})`, `q_k = p_k/√(s_k s_{k-1})`,
+    `s_k = 1 + Σ_{j≤k} p_j²`), so column `k` of the new factor is
+    `c_k L[:, k] + q_k Σ_{i>k} p_i L[:, i]`.
+    """
+    p = jsl.solve_triangular(factor, vector, lower=True)
+    s = 1.0 + jnp.cumsum(p * p)
+    s_before = jnp.concatenate([jnp.ones((1,), s.dtype), s[:-1]])
+    c = jnp.sqrt(s / s_before)
+    q = p / jnp.sqrt(s * s_before)
+    weighted = factor * p[None, :]
+    # suffix sums over columns i > k: total minus inclusive prefix sums
+    after = jnp.sum(weighted, axis=1, keepdims=True) - jnp.cumsum(weighted, axis=1)
+    return factor * c[None, :] + after * q[None, :]
 
 
-def _solve(gradients, factor, vector, damping):
-    coefficients = jsl.cho_solve(factor, gradients @ vector)
-    return (vector - gradients.T @ coefficients) / damping
+def _slide(factor: jax.Array, dots_age: jax.Array, diagonal_shift) -> jax.Array:
+    """The age-ordered Cholesky factor after dropping the oldest gradient (position 0) and
+    appending the newest, whose dot products with the window (age order, itself last) are
+    `dots_age`. `O(m²)`."""
+    m = factor.shape[0]
+    if m == 1:
+        return jnp.sqrt(dots_age[-1:] + diagonal_shift)[:, None]
+    kept = _rank_one_update(factor[1:, 1:], factor[1:, 0])
+    row = jsl.solve_triangular(kept, dots_age[:-1], lower=True)
+    corner = jnp.sqrt(jnp.maximum(dots_age[-1] + diagonal_shift - row @ row, diagonal_shift))
+    top = jnp.concatenate([kept, jnp.zeros((m - 1, 1), factor.dtype)], axis=1)
+    bottom = jnp.concatenate([row, corner[None]])[None, :]
+    return jnp.concatenate([top, bottom], axis=0)
 
 
 def mfac(num_gradients: int = 32, damping: float = 1e-4) -> optax.GradientTransformation:
@@ -105,9 +151,11 @@ def mfac(num_gradients: int = 32, damping: float = 1e-4) -> optax.GradientTransf
     inserts the gradient `g` into a sliding window of the last `m = num_gradients`
     gradients (replacing the oldest), then returns the inverse damped empirical-Fisher
     product `F⁻¹ g` with the window including `g`, through the Woodbury identity
-    `F⁻¹ v = (v - Gᵀ (m λ I + G Gᵀ)⁻¹ G v) / λ` on the `m × m` Gram matrix. Per step:
-    `O(d m)` to update the window and its Gram matrix, `O(m³)` to refactor it (the
-    paper's cost of adding a gradient), `O(d m)` for the product; memory `O(d m)`.
+    `F⁻¹ v = (v - Gᵀ (m λ I + G Gᵀ)⁻¹ G v) / λ`. Per step: `O(d m)` for the new dot
+    products `G g` and for `Gᵀ` times the coefficients, and `O(m²)` to slide the Cholesky
+    factor of `m λ I + G Gᵀ` (a stable rank-one update for the gradient that leaves and a
+    triangular solve for the one that enters; the paper refactors in `O(m³)`) and to
+    solve with it; memory `O(d m)`.
 
     The output is a preconditioned gradient, not a step: chain it with a learning rate,
     `optax.chain(mfac(...), optax.scale_by_learning_rate(1e-3))`. Parameters may be any
@@ -145,9 +193,12 @@ def mfac(num_gradients: int = 32, damping: float = 1e-4) -> optax.GradientTransf
             raise ValueError("mfac needs parameters: params has no array leaves.")
         if not jnp.issubdtype(flat.dtype, jnp.floating):
             raise TypeError(f"mfac preconditions floating-point parameters, got {flat.dtype}.")
+        shift = num_gradients * damping
         return MFACState(jnp.zeros((num_gradients, flat.size), flat.dtype),
                          jnp.zeros((num_gradients, num_gradients), flat.dtype),
-                         jnp.zeros((), jnp.int32))
+                         jnp.zeros((), jnp.int32),
+                         jnp.sqrt(jnp.asarray(shift, flat.dtype)) * jnp.eye(num_gradients,
+                                                                            dtype=flat.dtype))
 
     def update(updates, state: MFACState, params=None):
         del params
@@ -156,15 +207,35 @@ def mfac(num_gradients: int = 32, damping: float = 1e-4) -> optax.GradientTransf
             raise ValueError(
                 f"mfac: the gradient has {flat.size} entries, the window was initialised for "
                 f"{state.gradients.shape[1]}.")
-        flat = flat.astype(state.gradients.dtype)
+        if state.factor is None:
+            raise ValueError("mfac: the state has no Cholesky factor; build it with "
+                             "mfac(...).init(params).")
+        dtype = state.gradients.dtype
+        flat = flat.astype(dtype)
         slot = state.count % num_gradients
         gradients = state.gradients.at[slot].set(flat)
-        dots = gradients @ flat  # the new row (and column) of G Gᵀ
+        dots = gradients @ flat  # the new row (and column) of G Gᵀ: O(d m)
         gram = state.gram.at[slot, :].set(dots).at[:, slot].set(dots)
-        factor = _factor(gram, damping)
-        coefficients = jsl.cho_solve(factor, dots)  # G g is the new Gram row
-        direction = (flat - gradients.T @ coefficients) / damping
-        return unravel(direction), MFACState(gradients, gram, state.count + 1)
+        # age order after the insertion: position k is slot (count + 1 + k) % m, newest last
+        order = (state.count + 1 + jnp.arange(num_gradients)) % num_gradients
+        dots_age = dots[order]
+        shift = jnp.asarray(num_gradients * damping, dtype)
+        eye = jnp.eye(num_gradients, dtype=dtype)
+        factor = jax.lax.cond(
+            # once per wrap of the window a fresh factorisation (O(m³) every m steps, so
+            # O(m²) amortised) bounds the round-off the sliding updates accumulate
+            (state.count + 1) % num_gradients == 0,
+            lambda: jnp.linalg.cholesky(gram[order][:, order] + shift * eye),
+            lambda: _slide(state.factor, dots_age, shift))
+
+        def solve(rhs):  # (m λ I + G Gᵀ)⁻¹ rhs, rhs and result in ring order
+            out = jsl.cho_solve((factor, True), rhs[order])
+            return jnp.zeros_like(out).at[order].set(out)
+
+        coefficients = solve(dots)
+        # one step of iterative refinement against the exact Gram matrix (O(m²))
+        coefficients = coefficients + solve(dots - gram @ coefficients - shift * coefficients)
+        direction = (flat - coefficients @ gradients) / damping  # (m,)·(m, d): one pass
+        return unravel(direction), MFACState(gradients, gram, state.count + 1, factor)
 
     return optax.GradientTransformation(init, update)
-

@@ -55,6 +55,15 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _log_phi(t: jax.Array) -> jax.Array:
+    """`log(exp(t) - 1 - t)` (`-inf` at 0), finite for large `t` (`t + log1p(-(1 + t) e^-t)`)."""
+    large = t > 30.0
+    safe = jnp.where(large, 1.0, t)
+    t_large = jnp.where(large, t, 31.0)
+    return jnp.where(large, t_large + jnp.log1p(-(1.0 + t_large) * jnp.exp(-t_large)),
+                     jnp.log(_phi(safe)))
+
+
 def _phi(t: jax.Array) -> jax.Array:
     """`exp(t) - 1 - t`, accurate for small `t` (a series below |t| < 1e-2)."""
     series = t * t * (0.5 + t * (1 / 6 + t * (1 / 24 + t * (1 / 120 + t / 720))))
@@ -190,7 +199,7 @@ class SinkhornNewtonSparse(eqx.Module):
     """
 
     threshold: float = eqx.field(static=True, default=1e-6)
-    num_sinkhorn_steps: int = eqx.field(static=True, default=50)
+    num_sinkhorn_steps: int = eqx.field(static=True, default=20)
     num_newton_steps: int = eqx.field(static=True, default=100)
     num_kept: int | None = eqx.field(static=True, default=None)
     cg_tolerance: float = eqx.field(static=True, default=1e-7)
@@ -420,7 +429,8 @@ def _iterate(solver, num_kept, cost, eps, a, b, f, g):
 
     def newton_body(state):
         f, g, _, i, errors = state
-        plan = _plan(f, g, cost, eps)
+        logits = (f[:, None] + g[None, :] - cost) / eps
+        plan = jnp.exp(logits)
         grad = jnp.concatenate([plan.sum(1) - a, plan.sum(0) - b])
         matvec, diagonal = _sparse_hessian(plan, num_kept, solver.ridge)
         d, _ = jax.scipy.sparse.linalg.cg(
@@ -432,7 +442,9 @@ def _iterate(solver, num_kept, cost, eps, a, b, f, g):
 
         def decrease(alpha):  # L(z + α Δ) - L(z) - c α slope, without cancellation
             t = alpha * (df[:, None] + dg[None, :]) / eps
-            curvature = eps * jnp.sum(jnp.where(plan > 0, plan * _phi(t), 0.0))
+            # Σ P_ij φ(t_ij) as Σ exp(logit_ij + log φ(t_ij)): an entry that underflows to 0
+            # in P may still overflow after the step (small ε), which must fail the search
+            curvature = eps * jnp.sum(jnp.exp(logits + _log_phi(t)))
             return (1 - _ARMIJO) * alpha * slope + curvature
 
         def search_cond(carry):

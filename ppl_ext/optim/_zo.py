@@ -340,9 +340,17 @@ class ZerothOrderRankSGD(AbstractBackend):
     unknown positive scale, so the step size sets the step length (use a decaying
     schedule for convergence).
 
+    With `num_step_sizes = L` (at least 2) the step length comes from the oracle too, a
+    line search by ranking (the paper pairs its estimator with a ranking-based line search
+    in the same spirit): the `L` trial points `x - s_j g`, `s_j = η 2^(j - ⌊L/2⌋)`, are
+    ranked, the best is the new `x`, and its step size the next `η` (so `η` doubles, halves
+    or stays; `transformation` must then be the initial step size, a float). It needs no
+    schedule and adapts to the objective's scale; a step costs `m + L` ranked candidates.
+
     The oracle is a callable `ranking_oracle(key, candidates) -> ordering`: `candidates` is
-    the parameter tree with a leading axis of length `m`, `ordering` an int array of the
-    `m` indices from best to worst (only its first `k` entries are used). It runs inside
+    the parameter tree with a leading axis of length `m` (or `L` for the line search),
+    `ordering` an int array of those indices from best to worst (only its first `k`
+    entries are used for the direction, its first for the line search). It runs inside
     `jit`: a person at a prompt or another process is reached through
     `jax.pure_callback`. The default, `None`, is `rank_by_objective(objective, *args)`.
 
@@ -353,6 +361,8 @@ class ZerothOrderRankSGD(AbstractBackend):
         num_candidates: `m`, the candidates ranked per step (at least 2).
         num_ranked: `k`, how many of the best candidates the oracle orders (`None`: all).
         ranking_oracle: `None` (rank by the objective) or a callable as above.
+        num_step_sizes: `L`, the step sizes tried by the ranking line search (`None`: no
+            line search, the `transformation`'s step).
         report_value: evaluate the objective at the current parameters for `info.value`
             (one query per step, its own key); `False` reports NaN and never calls the
             objective outside the default oracle (for a ranking-only problem whose
@@ -383,6 +393,7 @@ class ZerothOrderRankSGD(AbstractBackend):
     num_ranked: int | None = None
     ranking_oracle: Callable | None = None
     report_value: bool = True
+    num_step_sizes: int | None = None
 
     def __check_init__(self):
         owner = "ZerothOrderRankSGD"
@@ -395,6 +406,14 @@ class ZerothOrderRankSGD(AbstractBackend):
                 raise ValueError(
                     f"{owner}.num_ranked ({self.num_ranked}) must be at most num_candidates "
                     f"({self.num_candidates}).")
+        if self.num_step_sizes is not None:
+            _check_count(owner, "num_step_sizes", self.num_step_sizes, minimum=2)
+            if not (isinstance(self.transformation, (int, float))
+                    and not isinstance(self.transformation, bool)):
+                raise TypeError(
+                    f"{owner}: with num_step_sizes (the ranking line search) the "
+                    "transformation must be the initial step size, a float, got "
+                    f"{type(self.transformation).__name__}.")
         if self.ranking_oracle is not None and not callable(self.ranking_oracle):
             raise TypeError(f"{owner}.ranking_oracle must be None or a callable "
                             f"(key, candidates) -> ordering, got {self.ranking_oracle!r}.")
@@ -417,34 +436,56 @@ class ZerothOrderRankSGD(AbstractBackend):
         key_direction, key_oracle = jax.random.split(key)
         xi = jax.random.normal(key_direction, (self.num_candidates, flat.shape[0]), flat.dtype)
         candidates = jax.vmap(unravel)(flat + jnp.asarray(self.smoothing, flat.dtype) * xi)
-        oracle = self.ranking_oracle
-        if oracle is None:
-            oracle = rank_by_objective(objective, *args, **kwargs)
-        ordering = jnp.asarray(oracle(key_oracle, candidates))
-        if ordering.shape != (self.num_candidates,) or not jnp.issubdtype(
-                ordering.dtype, jnp.integer):
-            raise ValueError(
-                f"the ranking oracle must return {self.num_candidates} integer indices (best "
-                f"first), got an array of shape {ordering.shape} and dtype {ordering.dtype}.")
+        ordering = self._rank(key_oracle, candidates, self.num_candidates, objective, args,
+                              kwargs)
         direction = self._rank_weights(flat.dtype) @ xi[ordering]
         return unravel(direction)
 
+    def _rank(self, key, candidates, count, objective, args, kwargs) -> jax.Array:
+        oracle = self.ranking_oracle
+        if oracle is None:
+            oracle = rank_by_objective(objective, *args, **kwargs)
+        ordering = jnp.asarray(oracle(key, candidates))
+        if ordering.shape != (count,) or not jnp.issubdtype(ordering.dtype, jnp.integer):
+            raise ValueError(
+                f"the ranking oracle must return {count} integer indices (best "
+                f"first), got an array of shape {ordering.shape} and dtype {ordering.dtype}.")
+        return ordering
+
     def init(self, key, params, objective, *args, **kwargs) -> ZerothOrderState:
-        """`ZerothOrderState(params, transformation.init(params))`; `key` is unused."""
+        """`ZerothOrderState(params, transformation.init(params))`, or with the line search
+        `ZerothOrderState(params, η)` (the current step size); `key` is unused."""
+        if self.num_step_sizes is not None:
+            dtype = ravel_pytree(params)[0].dtype
+            return ZerothOrderState(params, jnp.asarray(self.transformation, dtype))
         transformation = _as_transformation("ZerothOrderRankSGD", self.transformation)
         return ZerothOrderState(params, transformation.init(params))
 
     def step(self, key, state: ZerothOrderState, objective, *args, **kwargs):
-        """Rank `num_candidates` perturbations, step along the rank-based direction."""
+        """Rank `num_candidates` perturbations, step along the rank-based direction (with
+        the step size of the ranking line search when `num_step_sizes` is set)."""
         key_value, key_direction = jax.random.split(key)
         if self.report_value:
             value = jnp.asarray(objective(key_value, state.params, *args, **kwargs))
         else:
             value = jnp.full((), jnp.nan, ravel_pytree(state.params)[0].dtype)
+        if self.num_step_sizes is not None:
+            key_direction, key_search = jax.random.split(key_direction)
         direction = self.estimate_direction(key_direction, state.params, objective, *args,
                                             **kwargs)
-        transformation = _as_transformation("ZerothOrderRankSGD", self.transformation)
-        return _apply(transformation, direction, state), BackendInfo(value, _nan(value))
+        if self.num_step_sizes is None:
+            transformation = _as_transformation("ZerothOrderRankSGD", self.transformation)
+            return _apply(transformation, direction, state), BackendInfo(value, _nan(value))
+        flat, unravel = ravel_pytree(state.params)
+        g = ravel_pytree(direction)[0]
+        count = self.num_step_sizes
+        sizes = state.opt_state * 2.0 ** (jnp.arange(count) - count // 2).astype(flat.dtype)
+        trials = flat - sizes[:, None] * g
+        ordering = self._rank(key_search, jax.vmap(unravel)(trials), count, objective, args,
+                              kwargs)
+        best = ordering[0]
+        return (ZerothOrderState(unravel(trials[best]), sizes[best]),
+                BackendInfo(value, _nan(value)))
 
     def params(self, state: ZerothOrderState) -> Any:
         """`state.params`."""

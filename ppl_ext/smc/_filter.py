@@ -138,6 +138,10 @@ class AbstractParticleFilter(AbstractKernel):
         """The look-ahead log weight `log η_t(x_{t-1})` (0 except for the auxiliary filter)."""
         return jnp.zeros((), jnp.result_type(float))
 
+    def _looks_ahead(self) -> bool:
+        """Whether `_log_auxiliary` is overridden (else η = 1 and step skips it)."""
+        return type(self)._log_auxiliary is not AbstractParticleFilter._log_auxiliary
+
     # ---------------------------------------------------------------- helpers
 
     def _constrain(self, tree):
@@ -179,9 +183,14 @@ class AbstractParticleFilter(AbstractKernel):
         key_resample, key_move = jax.random.split(key)
         t = state.t + 1
         num = self.num_particles
-        log_auxiliary = jax.vmap(
-            lambda x: self._log_auxiliary(params, x, t, observation, inputs))(state.particles)
-        log_weights, log_auxiliary_total = normalize(state.log_weights + log_auxiliary)
+        looks_ahead = self._looks_ahead()
+        if looks_ahead:
+            log_auxiliary = jax.vmap(
+                lambda x: self._log_auxiliary(params, x, t, observation, inputs))(
+                    state.particles)
+            log_weights, log_auxiliary_total = normalize(state.log_weights + log_auxiliary)
+        else:  # η = 1: the state's weights are normalised already (no logsumexp, no gather)
+            log_weights, log_auxiliary_total = state.log_weights, 0.0
         index = jnp.arange(num, dtype=jnp.int32)
 
         def with_resampling(_):
@@ -215,15 +224,17 @@ class AbstractParticleFilter(AbstractKernel):
                                  f"{old.shape[1:]}")
         particles = jax.tree.map(lambda new, old: new.astype(old.dtype), particles,
                                  state.particles)
-        log_increment = (log_correction - log_auxiliary[ancestors]
+        log_increment = (log_correction
                          + self._log_observation(params, particles, t, observation, inputs))
+        if looks_ahead:
+            log_increment = log_increment - log_auxiliary[ancestors]
         new_log_weights, log_total = normalize(prior_log_weights + log_increment)
         increment = log_auxiliary_total + log_total
         new_log_weights = self._constrain(new_log_weights.astype(state.log_weights.dtype))
         new_state = ParticleFilterState(
             particles, new_log_weights,
             (state.log_likelihood + increment).astype(state.log_likelihood.dtype), t)
-        info = ParticleFilterInfo(ancestors, resampled, effective_sample_size(new_log_weights),
+        info = ParticleFilterInfo(ancestors, resampled, _ess_of_normalised(new_log_weights),
                                   increment)
         where = f"{type(self).__name__}.step"
         return refuse_derivatives(new_state, where), refuse_derivatives(info, where)
@@ -461,6 +472,13 @@ class FilterResult(eqx.Module):
     log_weights: Array | None
 
 
+def _ess_of_normalised(log_weights):
+    """`effective_sample_size` of normalised log weights, from `W = exp(log W)`: shares
+    the `exp` with the weighted means of the same step (no two extra logsumexps)."""
+    weights = jnp.exp(log_weights)
+    return jnp.square(jnp.sum(weights)) / jnp.sum(jnp.square(weights))
+
+
 def _weighted_mean(log_weights, values):
     weights = jnp.exp(log_weights)
     return jax.tree.map(lambda v: jnp.tensordot(weights.astype(v.dtype), v, axes=1)
@@ -509,13 +527,15 @@ def run_filter(key: Array, kernel: AbstractParticleFilter, params: Any, observat
     state = kernel.init(keys[0], params, at_time(observations, 0), at_time(inputs, 0))
     first = _summaries(state, functional, store_particles)
     num = kernel.num_particles
-    first_info = ParticleFilterInfo(jnp.arange(num, dtype=jnp.int32), jnp.asarray(False),
-                                    effective_sample_size(state.log_weights),
-                                    state.log_likelihood)
+    first_info = ParticleFilterInfo(
+        jnp.arange(num if store_particles else 0, dtype=jnp.int32), jnp.asarray(False),
+        effective_sample_size(state.log_weights), state.log_likelihood)
 
     def body(state, xs):
         step_key, observation, step_inputs = xs
         state, info = kernel.step(step_key, state, params, observation, step_inputs)
+        if not store_particles:  # no (T, N) ancestors in the scan's outputs
+            info = info._replace(ancestors=jnp.zeros((0,), jnp.int32))
         return state, (_summaries(state, functional, store_particles), info)
 
     later = lambda tree: None if tree is None else jax.tree.map(lambda a: a[1:], tree)

@@ -324,6 +324,9 @@ PATHS: list[PathCase] = [
     PathCase("linear+bridge(0.5)", lambda: px.flows.LinearPath(px.flows.BridgeGamma(0.5))),
     PathCase("trigonometric+parabolic",
              lambda: px.flows.TrigonometricPath(px.flows.ParabolicGamma(1.5))),
+    PathCase("kinetic-optimal", lambda: px.flows.KineticOptimalPath.from_data(
+        jax.random.key(0), np.array([[-2.0, 0.0], [2.0, 0.5], [0.0, 1.5]]), num_samples=64,
+        num_grid=513)),
 ]
 
 
@@ -498,6 +501,11 @@ BACKENDS: list[BackendCase] = [
                 px.optim.GradientRegularisedNewton(
                     px.optim.ExactHessian(), step_size=_optax().cosine_decay_schedule(
                         1.0, 400, alpha=0.01))),
+    # normalised policy-gradient methods (a 1/t step: normalised steps have a fixed length)
+    BackendCase("NormalisedHARPG", lambda: px.optim.NormalisedHARPG(
+        step_size=px.optim.decaying_step_size(0.1, 100.0))),
+    BackendCase("NormalisedPGIGT", lambda: px.optim.NormalisedPGIGT(
+        step_size=px.optim.decaying_step_size(0.1, 100.0))),
 ]
 
 

@@ -172,14 +172,18 @@ def test_cloud_sharded_over_two_devices_matches_one_device():
         x = px.sample(dist.Normal(0.0, 0.1))
         return jnp.sum((params["w"] - 1.0) ** 2) + jnp.sum(params["b"] ** 2) * (1.0 + x)
 
-    devices = np.array(jax.devices()[:2])
-    mesh = jax.sharding.Mesh(devices, ("particles",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("particles"))
+    def particle_sharding(devices):
+        mesh = jax.sharding.Mesh(np.array(devices), ("particles",))
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("particles"))
+
+    # the reference is "sharded" over one device: a sharded cloud draws its noise with the
+    # global threefry layout, an unsharded one with the faster non-partitionable layout
+    sharding, single = particle_sharding(jax.devices()[:2]), particle_sharding(jax.devices()[:1])
     params = {"w": jnp.zeros(3), "b": jnp.ones(2)}
     for build in (lambda **kw: CBO(num_particles=64, alpha=30.0, init_scale=2.0, **kw),
                   lambda **kw: PolarisedCBO(num_particles=64, kernel_width=1.0, **kw)):
-        one = px.fit(loss, params, build(), 30, jax.random.key(0), maximize=False,
-                     progress=False)
+        one = px.fit(loss, params, build(sharding=single), 30, jax.random.key(0),
+                     maximize=False, progress=False)
         two = px.fit(loss, params, build(sharding=sharding), 30, jax.random.key(0),
                      maximize=False, progress=False)
         assert len(two.state.particles["w"].sharding.device_set) == 2

@@ -41,6 +41,74 @@ def test_every_update_is_the_dense_solve_while_filling_and_after_wrapping(dampin
         np.testing.assert_allclose(state.gram, window @ window.T, rtol=1e-12, atol=1e-12)
 
 
+def scan_directions(transformation, gradients, state=None):
+    """Every update's output over the rows of `gradients`, in one compiled `lax.scan`."""
+    def step(state, g):
+        out, state = transformation.update(g, state)
+        return state, out
+
+    state = transformation.init(gradients[0]) if state is None else state
+    return jax.jit(lambda s, gs: jax.lax.scan(step, s, gs))(state, gradients)
+
+
+@pytest.mark.parametrize("num_gradients, dim", [(32, 48), (128, 96), (512, 520)])
+def test_sliding_window_matches_the_dense_woodbury_oracle_to_1e_8(num_gradients, dim):
+    """The O(m²) sliding Cholesky (rank-one update out, triangular solve in, a fresh
+    factorisation when the window wraps) against numpy's dense float64 solve, at steps
+    while filling, right after wrapping and between wraps; gradients with scales spread
+    over two orders of magnitude (a Gram matrix far from diagonal)."""
+    m = num_gradients
+    # the largest window starts full (a state written out with numpy's Cholesky factor, to
+    # save m compiled steps) and slides for 40 steps; the others fill, wrap and wrap again
+    prefilled = m if m >= 512 else 0
+    num_steps = 2 * m + 5 if not prefilled else m + 40
+    rng = np.random.default_rng(m)
+    scales = np.logspace(0, -2, dim)
+    gradients = rng.normal(size=(num_steps, dim)) * scales + 0.3 * rng.normal(size=dim)
+    damping = 1e-2
+    with jax.enable_x64(True):
+        start = None
+        if prefilled:
+            window = gradients[:m]  # count m: ring order is age order
+            start = MFACState(jnp.asarray(window), jnp.asarray(window @ window.T),
+                              jnp.array(m, jnp.int32), jnp.asarray(np.linalg.cholesky(
+                                  window @ window.T + m * damping * np.eye(m))))
+        state, outs = scan_directions(mfac(num_gradients=m, damping=damping),
+                                      jnp.asarray(gradients[prefilled:]), start)
+        outs = np.concatenate([np.full((prefilled, dim), np.nan), np.asarray(outs)])
+        assert int(state.count) == num_steps
+        checked = {m // 2, m - 1, m, m + 1, m + m // 2, 2 * m - 2, num_steps - 1}
+        for t in sorted(t for t in checked if prefilled <= t < num_steps):
+            window = np.zeros((m, dim))
+            for i in range(t + 1):
+                window[i % m] = gradients[i]
+            expected = dense_solve(window, gradients[t], damping)
+            np.testing.assert_allclose(outs[t], expected, rtol=1e-8,
+                                       atol=1e-8 * np.abs(expected).max(), err_msg=f"step {t}")
+        # the kept factor is the Cholesky factor of m λ I + G Gᵀ in age order
+        order = (int(state.count) + np.arange(m)) % m
+        window = np.asarray(state.gradients)[order]
+        np.testing.assert_allclose(np.asarray(state.factor) @ np.asarray(state.factor).T,
+                                   window @ window.T + m * damping * np.eye(m), rtol=1e-10,
+                                   atol=1e-10 * np.abs(window @ window.T).max())
+
+
+def test_float32_does_not_drift_over_a_long_run():
+    """2,000 float32 updates (250 wraps of a window of 8): the last outputs still match
+    the float64 dense solve as closely as a fresh float32 solve would."""
+    m, dim, num_steps, damping = 8, 20, 2000, 0.1
+    rng = np.random.default_rng(5)
+    gradients = rng.normal(size=(num_steps, dim)) * np.logspace(0, -1, dim)
+    _, outs = scan_directions(mfac(num_gradients=m, damping=damping),
+                              jnp.asarray(gradients, jnp.float32))
+    for t in (num_steps - 5, num_steps - 1):
+        window = np.zeros((m, dim))
+        for i in range(t - m + 1, t + 1):
+            window[i % m] = gradients[i]
+        np.testing.assert_allclose(outs[t], dense_solve(window, gradients[t], damping),
+                                   rtol=2e-3, atol=2e-3)
+
+
 def test_window_larger_than_dimension_and_single_gradient():
     rng = np.random.default_rng(1)
     with jax.enable_x64(True):

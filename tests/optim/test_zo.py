@@ -302,3 +302,83 @@ def test_qzo_bad_settings():
         QuantizedZerothOrderSGD(clip=0.0)
     with pytest.raises(ValueError, match="num_directions"):
         QuantizedZerothOrderSGD(num_directions=0)
+
+
+# ---------------------------------------------------------------------------------------
+# ZO-RankSGD with the ranking line search: issue 15's query comparison and Rosenbrock
+
+
+def _exact_values(backend, objective, exact, x0, num_steps, seed=0, final=False):
+    """Run `num_steps` steps in one `lax.scan`; the exact objective after each step (and the
+    final parameters with `final=True`)."""
+    state = backend.init(jax.random.key(0), x0, objective)
+
+    def body(state, key):
+        state, _ = backend.step(key, state, objective)
+        return state, exact(backend.params(state))
+
+    keys = jax.random.split(jax.random.key(seed), num_steps)
+    state, values = jax.jit(lambda s: jax.lax.scan(body, s, keys))(state)
+    values = np.asarray(values)
+    return (values, np.asarray(backend.params(state))) if final else values
+
+
+def _steps_to(values, target):
+    reached = np.flatnonzero(values <= target)
+    assert reached.size, f"never reached {target} (last value {values[-1]})"
+    return int(reached[0]) + 1
+
+
+def test_rank_sgd_needs_at_most_1_5x_the_queries_of_zo_sgd_on_a_d100_quadratic():
+    """d = 100, f(x) = |x - 1|², from 0 to f ≤ 1e-4 f(0). ZO-SGD: two-point estimates along
+    one direction (2 queries a step) at its best constant step 1 / (L (d + 2)) (L = 2: the
+    step minimising the expected next value). ZO-RankSGD: rankings only, 10 candidates and
+    a 3-point ranking line search (13 queries a step, no schedule to tune). Rank-based
+    queries at most 1.5x the value-based ones (here about 0.6-1x)."""
+    d = 100
+
+    def exact(x):
+        return jnp.sum((x - 1.0) ** 2)
+
+    quadratic = px.expectation(exact)
+    target = 1e-4 * d
+    zo = ZerothOrderSGD(1.0 / (2 * (d + 2)), smoothing=1e-3, num_directions=1)
+    rank = ZerothOrderRankSGD(0.1, smoothing=1e-3, num_candidates=10, num_step_sizes=3,
+                              report_value=False)
+    zo_queries = 2 * _steps_to(_exact_values(zo, quadratic, exact, jnp.zeros(d), 1400), target)
+    rank_queries = 13 * _steps_to(_exact_values(rank, quadratic, exact, jnp.zeros(d), 250),
+                                  target)
+    assert rank_queries <= 1.5 * zo_queries, (rank_queries, zo_queries)
+
+
+def test_rank_sgd_converges_on_rosenbrock_from_rankings_alone():
+    """The 2-D Rosenbrock function from (-1.2, 1) (its classic start, f = 24.2): a judge that
+    only orders candidates by f, the step length from the ranking line search. Down the
+    curved valley: after 500 steps f < 0.05, after 1,500 f < 0.01 and within 0.2 of the
+    minimiser (1, 1) in every coordinate (the valley floor is slow for every first-order
+    method; bench_zo.py runs longer and in d = 10 and 100)."""
+
+    def rosenbrock(x):
+        return jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
+
+    def judge(key, candidates):
+        return jnp.argsort(jax.vmap(rosenbrock)(candidates))
+
+    backend = ZerothOrderRankSGD(1e-3, smoothing=1e-3, num_candidates=10, num_step_sizes=3,
+                                 ranking_oracle=judge, report_value=False)
+    values, final = _exact_values(backend, None, rosenbrock, jnp.array([-1.2, 1.0]), 1500,
+                                  final=True)
+    assert values[499] < 0.05 and values[-1] < 0.01, (values[499], values[-1])
+    assert np.max(np.abs(final - 1.0)) < 0.2, final
+
+
+def test_rank_line_search_settings_are_checked():
+    with pytest.raises(ValueError, match="num_step_sizes"):
+        ZerothOrderRankSGD(0.1, num_step_sizes=1)
+    with pytest.raises(TypeError, match="initial step size"):
+        ZerothOrderRankSGD(optax.adam(0.1), num_step_sizes=3)
+    backend = ZerothOrderRankSGD(0.1, num_candidates=4, num_step_sizes=3, report_value=False,
+                                 ranking_oracle=lambda key, c: jnp.arange(4))
+    state = backend.init(jax.random.key(0), jnp.zeros(2), None)
+    with pytest.raises(ValueError, match="must return 3 integer indices"):
+        backend.step(jax.random.key(1), state, None)
