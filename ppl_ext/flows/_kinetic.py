@@ -132,8 +132,9 @@ def marginal_velocity(path: AbstractPath | str, data: ArrayLike):
         >>> import jax.numpy as jnp
         >>> from ppl_ext.flows import LinearPath, marginal_velocity
         >>> field = marginal_velocity(LinearPath(), jnp.array([[1.0, 2.0]]))
-        >>> [round(float(v), 4) for v in field(None, 0.5, jnp.array([0.5, 1.0]))]
-        [1.0, 2.0]
+        >>> u = field(None, 0.5, jnp.array([0.5, 1.0]))
+        >>> round(float(u[0]), 4), round(float(u[1]), 4)
+        (1.0, 2.0)
     """
     path = _check_path(path, "marginal_velocity")
     data = _check_data(data, "marginal_velocity")

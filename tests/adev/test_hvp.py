@@ -536,3 +536,39 @@ def test_differentiates_only_argnums():
         2 * 1.5**2, rel=1e-5)
     assert float(f.hvp(jax.random.key(0), 1.5, 0.7, v=1.0)) == pytest.approx(
         2 * 0.7**2, rel=1e-5)
+
+
+# ------------------------------------------------------------- causal magic boxes
+
+
+def _causal_program(estimator):
+    @px.expectation
+    def f(theta):
+        x1 = px.sample(dist.Normal(theta[0], 1.0), estimator)
+        x2 = px.sample(dist.Normal(theta[1] + x1, 1.0), estimator)
+        x3 = px.sample(dist.Normal(theta[0] * theta[1], 1.0), estimator)  # free of x1, x2
+        return x1**2 + 2.0 * x2 + x1 * x2 + jnp.sin(x3) + 10.0 + theta[1] ** 3
+
+    return f
+
+
+def _causal_exact(theta):
+    # E[x1²] = θ0² + 1, E[x2] = θ1 + θ0, E[x1 x2] = θ0 θ1 + θ0² + 1, E[sin x3] = sin(θ0 θ1) e^{-1/2}
+    return (theta[0] ** 2 + 1 + 2.0 * (theta[1] + theta[0]) + theta[0] * theta[1]
+            + theta[0] ** 2 + 1 + jnp.sin(theta[0] * theta[1]) * jnp.exp(-0.5) + 10.0
+            + theta[1] ** 3)
+
+
+def test_causal_surrogate_is_unbiased_and_scores_only_dependent_terms():
+    """Top-level score sites without baselines: each additive term carries the magic
+    boxes of the sites it depends on only (the `10.0`, `theta[1]**3` and `sin(x3)` terms
+    do not multiply the scores of x1 and x2). Unbiased against the closed-form Hessian
+    (10^4 estimates, K_SE = 4) and with far less variance than the whole-value surrogate
+    (a zero scalar baseline keeps that one: same estimator as before)."""
+    theta, v = jnp.array([0.3, -0.7]), jnp.array([1.0, 0.5])
+    causal = hvp_samples(_causal_program(px.reinforce), theta, v)
+    whole = hvp_samples(_causal_program(px.Reinforce(baseline=0.0)), theta, v)
+    exact = exact_hvp(_causal_exact, theta, v)
+    assert_unbiased(causal, exact, k=K_SE, what="causal")
+    assert_unbiased(whole, exact, k=K_SE, what="whole value")
+    assert float(jnp.sum(jnp.var(causal, 0))) < 0.25 * float(jnp.sum(jnp.var(whole, 0)))
