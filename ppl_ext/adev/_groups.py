@@ -262,15 +262,21 @@ def _enumerate_plain(distribution, frame, env, dtype, site, n, flat, weight):
     leaves, invalid, later = jax.vmap(_folded_rest(frame, env, n, flat, weight, tags))(values)
     if later is not None:
         later = _weighted_sum(jax.lax.stop_gradient(weights), later, 1)
+    outs = _map_outs(tags, leaves, lambda leaf: _weighted_sum(weights, leaf, 1))
+    return outs, _first_invalid(invalid), later
+
+
+def _map_outs(tags, leaves, f):
+    """The outputs of the rest of the program with `f` applied to each leaf: to `arr` for a
+    `P` leaf, to `vec` and (when present) `const` for an `S` leaf `(vec, const)`."""
     outs = []
     for kind, leaf in zip(tags, leaves, strict=True):
         if kind == P:
-            outs.append(sep.Val(P, arr=_weighted_sum(weights, leaf, 1)))
+            outs.append(sep.Val(P, arr=f(leaf)))
         else:
             vec, const = leaf
-            outs.append(sep.Val(S, vec=_weighted_sum(weights, vec, 1),
-                                const=None if const is None else _weighted_sum(weights, const, 1)))
-    return outs, _first_invalid(invalid), later
+            outs.append(sep.Val(S, vec=f(vec), const=None if const is None else f(const)))
+    return outs
 
 
 def _folded_rest(frame, env, n, flat, weight, tags):
@@ -349,14 +355,7 @@ def _enumerate_other_plate(distribution, frame, env, dtype, site, n, flat, weigh
     def combine(leaf):  # leaf[-1] + Σ_a c_a (leaf[a] - leaf[-1])
         return leaf[-1] + _weighted_sum(coefficients, leaf[:-1] - leaf[-1:], 1)
 
-    outs = []
-    for kind, leaf in zip(tags, leaves, strict=True):
-        if kind == P:
-            outs.append(sep.Val(P, arr=combine(leaf)))
-        else:
-            vec, const = leaf
-            outs.append(sep.Val(S, vec=combine(vec),
-                                const=None if const is None else combine(const)))
+    outs = _map_outs(tags, leaves, combine)
     return outs, _first_invalid(invalid), None if later is None else later[-1]
 
 
@@ -408,14 +407,7 @@ def _mvd_plain(distribution, frame, env, key, dtype, site, n, flat, weight):
             out = out + jnp.sum(coeff * (plus - minus), axis=0)
         return out
 
-    outs = []
-    for kind, leaf in zip(tags, leaves, strict=True):
-        if kind == P:
-            outs.append(sep.Val(P, arr=corrected(leaf)))
-        else:
-            vec, const = leaf
-            outs.append(sep.Val(S, vec=corrected(vec),
-                                const=None if const is None else corrected(const)))
+    outs = _map_outs(tags, leaves, corrected)
     return outs, _first_invalid(invalid), None if later is None else later[0]
 
 
@@ -456,14 +448,7 @@ def _reinforce_other_plate(distribution, frame, env, key, dtype, site, n, flat, 
         s = scores.reshape((m,) + (1,) * (diff.ndim - 1)).astype(diff.dtype)
         return leaf[0] + jnp.sum(s * diff, axis=0)
 
-    outs = []
-    for kind, leaf in zip(tags, leaves, strict=True):
-        if kind == P:
-            outs.append(sep.Val(P, arr=scored(leaf)))
-        else:
-            vec, const = leaf
-            outs.append(sep.Val(S, vec=scored(vec),
-                                const=None if const is None else scored(const)))
+    outs = _map_outs(tags, leaves, scored)
     return outs, _first_invalid(invalid), None if later is None else later[0]
 
 
