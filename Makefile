@@ -32,7 +32,7 @@ demo: $(DEMO_STAMP)
 	$(VENV)/bin/ppl-ext demo
 
 test: setup
-	$(VENV_PYTHON) -m pytest -n 2 -p no:cacheprovider
+	$(VENV_PYTHON) -m pytest -n 2 -p no:cacheprovider --durations=40
 
 # The site (mkdocs.yml) goes to site/; --strict makes every warning an error. Tutorials are
 # rendered as stored (without outputs), never executed here.
