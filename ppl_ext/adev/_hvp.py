@@ -94,6 +94,7 @@ from ._analysis import closed as _closed
 from ._analysis import eqn_has_sites, slots as _slots, support_check_p, transform_p
 from ._errors import ObjectiveShapeError, SecondOrderError
 from ._estimators import Reinforce, RunningAverage, Reparam, _law
+from ._interpreter import scope_keys
 from ._laws import log_density
 from ._primitives import nested_p, sample_p
 from ._signs import FIN, Signs, dtype_facts
@@ -524,7 +525,8 @@ def _run(jaxpr, consts, args, key, acc, record=None):
     """Evaluate `jaxpr` with reparameterised and stopped score draws.
 
     `acc = (L, B)`: the sum of score sites' log densities and the baseline terms.
-    Keys are split as `_interpreter.run_jaxpr` splits them (same draws as `.estimate`).
+    Keys are split by `_interpreter.scope_keys`, as `run_jaxpr` splits them (same draws
+    as `.estimate`).
     With `record` (a dict), each top-level score site's log density goes there by
     equation index, and the environment is returned too.
     """
@@ -534,12 +536,7 @@ def _run(jaxpr, consts, args, key, acc, record=None):
     for var, val in zip(jaxpr.invars, args, strict=True):
         env[var] = val
     slots = _slots(jaxpr)
-    if not slots:
-        keys = None
-    elif len(slots) == 1:
-        keys = key[None]
-    else:
-        keys = jax.random.split(key, len(slots))
+    keys = scope_keys(key, slots)
 
     def read(atom):
         return atom.val if isinstance(atom, core.Literal) else env[atom]

@@ -241,14 +241,20 @@ def run_jaxpr(
     for var, val in zip(jaxpr.invars, args, strict=True):
         env[var] = val
     slots = _slots(jaxpr)
-    if not slots:
-        keys = None
-    elif len(slots) == 1:
-        keys = key[None]
-    else:
-        keys = jax.random.split(key, len(slots))
+    keys = scope_keys(key, slots)
     scope = Scope(keys, slots, surrogate, where, jaxpr, messages, graph)
     return _run_from(jaxpr, 0, env, scope, acc, cont)
+
+
+def scope_keys(key, slots):
+    """One key per equation of a scope that consumes randomness (`slots`), or `None`:
+    the key itself for one slot (no split), `split` for several. `.hvp` splits keys with
+    this too, so it draws what `.estimate` draws."""
+    if not slots:
+        return None
+    if len(slots) == 1:
+        return key[None]
+    return jax.random.split(key, len(slots))
 
 
 def _read(env, atom):
