@@ -32,6 +32,7 @@ import numpyro.distributions as dist
 
 from ..adev import Expectation, expectation, reinforce, reparam, sample
 from ._couplings import AbstractCoupling, IndependentCoupling, as_coupling
+from ._kinetic import _check_interval
 from ._paths import AbstractPath, as_path
 
 _TIME_MARGIN = 1e-6
@@ -46,14 +47,12 @@ def _check_options(field, path, coupling, batch_size, time_interval, who):
             batch_size, (int, np.integer)) or batch_size < 1):
         raise ValueError(f"{who}: batch_size must be an int >= 1 or None, got {batch_size!r}.")
     try:
-        low, high = (float(v) for v in time_interval)
-    except (TypeError, ValueError):
-        raise ValueError(f"{who}: time_interval must be a pair (t_lo, t_hi), got "
-                         f"{time_interval!r}.") from None
-    if not 0.0 <= low < high <= 1.0:
-        raise ValueError(f"{who}: time_interval must satisfy 0 <= t_lo < t_hi <= 1 (times "
-                         f"outside [0, 1] are not on the path), got {time_interval!r}.")
-    return path, coupling, (low, high)
+        interval = _check_interval(time_interval, who)
+    except ValueError as error:
+        if "must satisfy" not in str(error):  # not a pair
+            raise
+        raise ValueError(f"{error} Times outside [0, 1] are not on the path.") from None
+    return path, coupling, interval
 
 
 def _check_data(x, name, who):

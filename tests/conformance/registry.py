@@ -330,6 +330,33 @@ PATHS: list[PathCase] = [
 ]
 
 
+# -------------------------------------------------------------------- minibatch couplings
+
+
+@dataclasses.dataclass(frozen=True)
+class CouplingCase:
+    """A minibatch coupling (`px.flows.AbstractCoupling`); `tests/conformance/
+    test_couplings.py` checks its indices (shape, dtype, a permutation where
+    `permutation`), jit against eager, vmap against a loop, two devices against one."""
+
+    name: str
+    build: Callable[[], Any]
+    permutation: bool = True
+
+
+COUPLINGS: list[CouplingCase] = [
+    CouplingCase("independent", lambda: px.flows.IndependentCoupling()),
+    CouplingCase("exact_ot(pot)", lambda: px.flows.ExactOTCoupling(solver="pot")),
+    CouplingCase("exact_ot(scipy)", lambda: px.flows.ExactOTCoupling(solver="scipy")),
+    CouplingCase("exact_ot(hungarian)", lambda: px.flows.ExactOTCoupling(solver="hungarian")),
+    CouplingCase("auction_ot", lambda: px.flows.AuctionOTCoupling()),
+    CouplingCase("entropic_ot(permutation)",
+                 lambda: px.flows.EntropicOTCoupling(epsilon=0.05, permutation=True)),
+    CouplingCase("entropic_ot(sampled rows)",
+                 lambda: px.flows.EntropicOTCoupling(epsilon=0.5), permutation=False),
+]
+
+
 # ---------------------------------------------------------------------------- objectives
 
 

@@ -26,12 +26,13 @@ def brute_force(x0, x1):
     return np.array(best), cost
 
 
+@pytest.mark.parametrize("solver", ["pot", "scipy", "hungarian"])
 @pytest.mark.parametrize("size,dim,seed", [(2, 1, 0), (3, 2, 1), (4, 1, 2), (5, 3, 3),
                                            (6, 2, 4), (6, 1, 5)])
-def test_exact_coupling_is_the_brute_force_optimum(size, dim, seed):
+def test_exact_coupling_is_the_brute_force_optimum(size, dim, seed, solver):
     k0, k1 = jax.random.split(jax.random.key(seed))
     x0, x1 = jax.random.normal(k0, (size, dim)), 2.0 * jax.random.normal(k1, (size, dim))
-    indices = np.asarray(jax.jit(ExactOTCoupling().match)(x0, x1))
+    indices = np.asarray(jax.jit(ExactOTCoupling(solver=solver).match)(x0, x1))
     assert sorted(indices.tolist()) == list(range(size)), "not a permutation"
     best, cost = brute_force(x0, x1)
     np.testing.assert_array_equal(indices, best)
@@ -94,6 +95,11 @@ def test_entropic_permutation_tends_to_exact_ot():
     (lambda: ExactOTCoupling().match(jnp.zeros((3, 2)), jnp.zeros((4, 2))), "shape"),
     (lambda: ExactOTCoupling().match(jnp.zeros(3), jnp.zeros(3)), "shape"),
     (lambda: ExactOTCoupling().match(jnp.zeros((0, 2)), jnp.zeros((0, 2))), "empty"),
+    (lambda: ExactOTCoupling(solver="lapjv"), "solver"),
+    (lambda: ExactOTCoupling().match(jnp.zeros((3, 2)).at[1, 0].set(jnp.nan),
+                                     jnp.zeros((3, 2))), "x0 has NaN"),
+    (lambda: ExactOTCoupling(solver="hungarian").match(
+        jnp.zeros((3, 2)), jnp.zeros((3, 2)).at[0, 1].set(jnp.inf)), "x1 has NaN"),
     (lambda: EntropicOTCoupling(epsilon=0.0), "epsilon"),
     (lambda: AuctionOTCoupling(tolerance=0.0), "tolerance"),
     (lambda: AuctionOTCoupling(tolerance=True), "tolerance"),
@@ -177,4 +183,108 @@ def test_auction_coupling_by_name_in_a_loss():
     loss = velocity_loss(field, "linear", "auction_ot", batch_size=4)
     data = jax.random.normal(jax.random.key(13), (20, 2)) + 3.0
     value, grad = jax.jit(jax.value_and_grad(loss, argnums=1))(jax.random.key(14), 0.5, data)
+    assert np.isfinite(value) and np.isfinite(grad)
+
+
+# ------------------------------------------------ the exact coupling's solvers at scale
+
+
+def reference_cost(x0, x1):
+    """Squared distances in float64 with numpy, written apart from ppl_ext."""
+    x0, x1 = np.asarray(x0, np.float64), np.asarray(x1, np.float64)
+    return ((x0[:, None, :] - x1[None, :, :]) ** 2).sum(-1)
+
+
+def gaussian_pairs(seed, size, dim=2, num=None):
+    k0, k1 = jax.random.split(jax.random.key(seed))
+    shape = (size, dim) if num is None else (num, size, dim)
+    return jax.random.normal(k0, shape), 0.5 * jax.random.normal(k1, shape) + 2.0
+
+
+@pytest.mark.parametrize("solver", ["pot", "scipy", "hungarian"])
+def test_exact_solvers_reach_the_optimum_on_random_minibatches(solver):
+    """Gaussian to a shifted Gaussian, b = 64 and 100: the total float64 cost of the
+    permutation equals the optimum of an independent float64 solve (the identity is
+    far from it, so the test can fail)."""
+    match = jax.jit(ExactOTCoupling(solver=solver).match)
+    for seed, size in ((20, 64), (21, 100)):
+        x0, x1 = gaussian_pairs(seed, size)
+        indices = match(x0, x1)
+        assert indices.dtype == jnp.int32 and indices.shape == (size,)
+        assert_permutation(indices, size)
+        cost = reference_cost(x0, x1)
+        best = scipy_optimum(cost)
+        np.testing.assert_allclose(total(cost, indices), best, rtol=1e-6 if
+                                   solver == "hungarian" else 1e-12)
+        assert total(cost, np.arange(size)) > 1.1 * best
+
+
+@pytest.mark.parametrize("solver", ["pot", "scipy", "hungarian"])
+def test_exact_solvers_with_ties_and_duplicate_points(solver):
+    """Duplicated points and integer grids (many optimal permutations): still a
+    permutation of optimal total cost; brute force on a small tied case."""
+    rng = np.random.default_rng(22)
+    match = jax.jit(ExactOTCoupling(solver=solver).match)
+    grid = rng.integers(0, 3, size=(40, 2)).astype(np.float32)
+    x1 = np.repeat(rng.integers(0, 3, size=(10, 2)), 4, axis=0).astype(np.float32)
+    for a, b in ((grid, x1), (x1, x1), (np.zeros((40, 2), np.float32), x1)):
+        indices = match(a, b)
+        assert_permutation(indices, 40)
+        cost = reference_cost(a, b)
+        assert total(cost, indices) == scipy_optimum(cost)
+    small0 = np.array([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    small1 = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    indices = match(small0, small1)
+    assert_permutation(indices, 5)
+    best, cost = brute_force(small0, small1)
+    assert total(cost, indices) == total(cost, best)
+
+
+def test_scipy_solver_under_jit_and_vmap_equals_a_loop():
+    x0, x1 = gaussian_pairs(23, 32, num=3)
+    coupling = ExactOTCoupling()
+    batched = jax.jit(jax.vmap(coupling.match))(x0, x1)
+    shared = jax.jit(jax.vmap(coupling.match, (0, None)))(x0, x1[0])
+    assert batched.shape == (3, 32) and batched.dtype == jnp.int32
+    for k in range(3):
+        np.testing.assert_array_equal(batched[k], coupling.match(x0[k], x1[k]))
+        np.testing.assert_array_equal(shared[k], coupling.match(x0[k], x1[0]))
+        np.testing.assert_array_equal(
+            batched[k], linear_sum_assignment(reference_cost(x0[k], x1[k]))[1])
+
+
+def test_pot_solver_falls_back_to_scipy_when_the_simplex_stops_early(monkeypatch):
+    """An early stop of the network simplex (iteration limit) must not give a suboptimal
+    pairing: the assignment is solved again by scipy."""
+    import ot.lp
+
+    from ppl_ext.flows import _couplings
+
+    x0, x1 = gaussian_pairs(27, 16)
+    cost = reference_cost(x0, x1)
+    real_emd = ot.lp.emd
+
+    def stopped_early(a, b, m, numItermax, log):
+        plan, info = real_emd(a, b, m, numItermax=3, log=True)
+        return plan, dict(info, result_code=2)
+
+    monkeypatch.setattr(ot.lp, "emd", stopped_early)
+    got = _couplings._emd_permutation(cost)
+    assert sorted(got.tolist()) == list(range(16))
+    assert total(cost, got) == pytest.approx(total(cost, linear_sum_assignment(cost)[1]),
+                                             rel=1e-12)
+
+
+def test_scipy_solver_nan_under_jit_is_an_error_not_a_hang():
+    x0, x1 = gaussian_pairs(24, 8)
+    with pytest.raises(Exception, match="NaN or infinite"):
+        jax.block_until_ready(jax.jit(ExactOTCoupling().match)(x0.at[3, 1].set(jnp.nan),
+                                                               x1))
+
+
+def test_exact_coupling_by_name_in_a_loss_is_differentiable():
+    field = lambda params, t, x: params * x  # noqa: E731
+    data = jax.random.normal(jax.random.key(25), (20, 2)) + 3.0
+    loss = velocity_loss(field, "linear", "exact_ot", batch_size=8)  # the scipy solver
+    value, grad = jax.jit(jax.value_and_grad(loss, argnums=1))(jax.random.key(26), 0.5, data)
     assert np.isfinite(value) and np.isfinite(grad)
