@@ -2,7 +2,7 @@
 
 Usage:
     .venv/bin/python benchmarks/bench_curvature.py [--quick] [--threads 1|default] [--no-results]
-        [--part classic|overhead|race|fit|rates|all] [--repeats N]
+        [--part classic|overhead|race|fit|rates|rankone|all] [--repeats N]
 
 Part 1, MLP classification on scikit-learn's digits (1,797 images of 8x8, 10 classes;
 features scaled to [0, 1]): a 64-32-10 tanh MLP (2,410 parameters), minibatches of 64
@@ -37,6 +37,9 @@ the steps times the measured time per step of the same run.
   in bench_fit.py.
 - `rates` (part 6): GradientRegularisedNewton's log-residual slope on part 2's logistic
   regression with the exact Hessian, Gauss-Newton and the empirical Fisher.
+- `rankone` (part 7): GradientRegularisedNewton with the exact Hessian against the
+  rank-one Fisher term (Sherman-Morrison, `O(d)` a step) on `‖A x - b‖⁴ / 4`, side by
+  side: steps and milliseconds to `f ≤ 1e-10 · f(x₀)`.
 
 XLA and NumPy are pinned to one thread by default (`--threads 1`, set before jax and
 numpy are imported); the machine is shared, so the load average is recorded.
@@ -248,9 +251,12 @@ def time_loops(contenders, make_loop, init, num_repeats):
     for r in range(num_repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             program, args = compiled[name]
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             jax.block_until_ready(program(*args))
             times[name][1].append(time.perf_counter() - start)
+            # CPU seconds of this (single-threaded) process: unlike wall-clock, not
+            # stretched by the other processes of a loaded machine
+            times[name].append(time.process_time() - start_cpu)
     return times
 
 
@@ -296,14 +302,19 @@ def run_overhead(num_steps, num_repeats, num_gradients):
         per_step = np.median(full[name][1]) / num_steps * 1e3
         ratios = np.array(full[name][1]) / np.array(full["sgd"][1])
         per_alone = np.median(alone[name][1]) / num_steps * 1e3
+        cpu = np.array(full[name][2:])
+        cpu_ratios = cpu / np.array(full["sgd"][2:])
         rows.append((name, f"{per_step:.2f}", f"{np.median(ratios):.2f}",
                      f"{np.percentile(ratios, 25):.2f}–{np.percentile(ratios, 75):.2f}",
+                     f"{np.median(cpu) / num_steps * 1e3:.2f}", f"{np.median(cpu_ratios):.2f}",
                      f"{per_alone:.3f}", f"{full[name][0]:.1f}"))
-        log(f"{name}: {per_step:.2f} ms/step (x{np.median(ratios):.2f} sgd), optimiser alone "
-            f"{per_alone:.3f} ms/step")
+        log(f"{name}: {per_step:.2f} ms/step (x{np.median(ratios):.2f} sgd), CPU "
+            f"{np.median(cpu) / num_steps * 1e3:.2f} ms/step (x{np.median(cpu_ratios):.2f}), "
+            f"optimiser alone {per_alone:.3f} ms/step")
     table = markdown_table(
         ["optimiser", "ms / training step (median)", "ratio to sgd (median)", "ratio IQR",
-         "ms / step, optimiser update alone", "compile s"], "lrrrrr", rows)
+         "CPU ms / training step (median)", "CPU-time ratio to sgd (median)",
+         "ms / step, optimiser update alone", "compile s"], "lrrrrrrr", rows)
     return dim, table
 
 
@@ -536,14 +547,98 @@ def run_grn_rates(num_steps):
         "lrrrrrr", rows)
 
 
+# ------------------------------- part 7: rank-one Fisher vs exact Hessian (GRN), equations
+
+RANK_ONE_POWER = 4  # f = ‖A x - b‖^p / p
+
+
+def run_grn_rank_one(sizes, tolerance, max_steps, num_repeats):
+    """GradientRegularisedNewton on `f(x) = ‖A x - b‖⁴ / 4` (equations with a linear
+    operator, Semenov, Jaggi and Doikov 2025: `A` `(2d, d)` Gaussian / sqrt(2d), `b = A x*`,
+    so `f* = 0`; float64, from `x = 0`) with the exact Hessian (dense `jax.hessian`, an
+    `O(d³)` eigendecomposition a step) against the rank-one Fisher term
+    `(p - 2) ∇f ∇fᵀ / ‖u‖^p` (`EmpiricalFisher` of the one loss `2 sqrt((p - 2) f / p)`:
+    Sherman-Morrison, `O(d)` a trial). Each is a jitted `lax.while_loop` of the back-end's
+    own `step` until `f ≤ tolerance · f(x₀)` (at most `max_steps`), compiled once, then run
+    `num_repeats` times interleaved; returns the table rows."""
+    import time
+
+    from ppl_ext.optim import EmpiricalFisher, ExactHessian, GradientRegularisedNewton
+
+    p = RANK_ONE_POWER
+    rows = []
+    with jax.enable_x64(True):
+        for dim in sizes:
+            rng = np.random.default_rng(dim)
+            a = jnp.asarray(rng.normal(size=(2 * dim, dim)) / np.sqrt(2 * dim))
+            b = a @ jnp.asarray(rng.normal(size=dim))
+
+            def f(x, a=a, b=b):
+                return jnp.sum((a @ x - b) ** 2) ** (p / 2) / p
+
+            def one_loss(x, f=f):
+                return (2 * jnp.sqrt((p - 2) * f(x) / p))[None]
+
+            x0 = jnp.zeros(dim)
+            target = tolerance * float(f(x0))
+            contenders = {"exact Hessian": ExactHessian(),
+                          "rank-one Fisher": EmpiricalFisher(one_loss)}
+            programs, times = {}, {}
+            for name, curvature in contenders.items():
+                backend = GradientRegularisedNewton(curvature)
+
+                def run(x0, backend=backend, f=f):
+                    key = jax.random.key(0)
+                    state = backend.init(key, x0, f)
+
+                    def cond(carry):
+                        i, state, _ = carry
+                        return (i < max_steps) & (f(state.params) > target)
+
+                    def body(carry):
+                        i, state, trials = carry
+                        state, info = backend.step(key, state, lambda k, x: f(x))
+                        return i + 1, state, trials + info.num_trials
+
+                    return jax.lax.while_loop(cond, body, (0, state, 0))
+
+                start = time.perf_counter()
+                programs[name] = jax.jit(run).lower(x0).compile()
+                times[name] = [time.perf_counter() - start, []]
+                jax.block_until_ready(programs[name](x0))
+            names = list(contenders)
+            for r in range(num_repeats):
+                for name in names[r % 2:] + names[:r % 2]:
+                    start = time.perf_counter()
+                    out = jax.block_until_ready(programs[name](x0))
+                    times[name][1].append(time.perf_counter() - start)
+                    times[name].append(out)
+            exact_s = np.median(times["exact Hessian"][1])
+            for name in names:
+                steps, state, trials = times[name][-1]
+                seconds = np.median(times[name][1])
+                reached = float(f(state.params)) <= target
+                rows.append((f"{dim:,}", name, fmt(int(steps), "d") if reached else
+                             f"not within {max_steps}", int(trials),
+                             f"{seconds * 1e3:.1f}", f"{seconds / int(steps) * 1e3:.3f}",
+                             f"{exact_s / seconds:.1f}", f"{times[name][0]:.1f}"))
+                log(f"d={dim} {name}: steps {int(steps)} (reached {reached}), trials "
+                    f"{int(trials)}, {seconds * 1e3:.1f} ms, speed-up {exact_s / seconds:.1f}")
+    return markdown_table(
+        ["d", "curvature", "steps to f ≤ tol · f(x₀)", "trials (search)",
+         "ms to tolerance (median)", "ms / step", "speed-up over exact", "compile s"],
+        "llrrrrrr", rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="150 MLP steps, one rate each")
     p.add_argument("--threads", choices=("1", "default"), default="1")
     p.add_argument("--no-results", action="store_true")
-    p.add_argument("--part", choices=("classic", "overhead", "race", "fit", "rates", "all"),
+    p.add_argument("--part", choices=("classic", "overhead", "race", "fit", "rates",
+                                      "rankone", "all"),
                    default="all", help="classic: parts 1-2; overhead: part 3; race: part 4; "
-                   "fit: part 5; rates: part 6")
+                   "fit: part 5; rates: part 6; rankone: part 7")
     p.add_argument("--repeats", type=int, default=5, help="part 3's interleaved repeats")
     args = p.parse_args(argv)
     command = command_line(argv, "benchmarks/bench_curvature.py")
@@ -559,7 +654,9 @@ def main(argv=None) -> int:
             "steps (value_and_grad, optimiser update, apply), each contender compiled once "
             f"then run {args.repeats} times interleaved (order rotated); `mfac`: window 128, "
             "damping 1e-3; the reference row refactors the m x m system by Cholesky every "
-            "step; the last column times the optimiser update alone on stored gradients; "
+            "step; CPU columns: this single-threaded process's CPU time (time.process_time) "
+            "per step, which the other processes of a loaded machine do not stretch; the "
+            "last column times the optimiser update alone on stored gradients; "
             f"load before the run {load}, after {load_average()}\n\n" + table)
     if args.part in ("race", "all"):
         num_sgd, num_mfac = (200, 100) if args.quick else (1000, 500)
@@ -590,7 +687,20 @@ def main(argv=None) -> int:
             "log10(f - f*) over the steps with 1e-12 < f - f* < 1e-2 and the median one-step "
             "contraction over them (a linear rate: a constant contraction below 1); "
             f"load after {load_average()}\n\n" + table)
-    if args.part in ("overhead", "race", "fit", "rates"):
+    if args.part in ("rankone", "all"):
+        sizes = (50, 200) if args.quick else (100, 400, 1000)
+        tolerance = 1e-10
+        table = run_grn_rank_one(sizes, tolerance, 5000, 3)
+        sections.append(
+            "- part 7, GradientRegularisedNewton on equations with a linear operator, "
+            f"f(x) = ‖A x - b‖^{RANK_ONE_POWER} / {RANK_ONE_POWER} (A (2d, d) Gaussian / "
+            "sqrt(2d), b = A x*, f* = 0, float64, x₀ = 0, adaptive γ search from γ₀ = 1): the "
+            "exact Hessian (dense, eigendecomposition a step) against the rank-one Fisher "
+            "term (p - 2) ∇f ∇fᵀ / ‖u‖^p (EmpiricalFisher of one loss: Sherman-Morrison, "
+            f"O(d)), each a jitted while_loop of its `step` until f ≤ {tolerance:g} · f(x₀), "
+            "compiled once, 3 runs interleaved (median); "
+            f"load after {load_average()}\n\n" + table)
+    if args.part in ("overhead", "race", "fit", "rates", "rankone"):
         body = (results_heading("bench_curvature.py", command,
                                 versions(("jax", "numpy", "optax", "scikit-learn")))
                 + f"- machine: {machine()}; load before the run {load}; threads: "

@@ -67,6 +67,12 @@ class AbstractCurvature(eqx.Module):
     def product(self, key, params, objective, *args, **kwargs) -> Callable:
         """`v ↦ H v` for flat vectors `v` at `params`."""
 
+    def regularised_solver(self, key, params, objective, g, *args, **kwargs):
+        """`solve(λ) -> (Δ, valid)`, `Δ = -(H + λI)⁻¹ g`, for a curvature with a cheaper
+        solve than the dense or conjugate-gradient ones (a low-rank `H`), or None (the
+        default) to let `GradientRegularisedNewton` use `matrix` or `product`."""
+        return None
+
     def matrix(self, key, params, objective, *args, **kwargs) -> jax.Array:
         """The dense `(d, d)` matrix `H` at `params` (symmetrised)."""
         flat, _ = ravel_pytree(params)
@@ -242,6 +248,17 @@ class EmpiricalFisher(AbstractCurvature):
     objective should be `mean_i ℓ_i(params)` (use `fit(..., maximize=False)`); positive
     semidefinite, of rank at most `n`.
 
+    With fewer losses than parameters (`n < d`) `GradientRegularisedNewton` never forms
+    the `d × d` matrix: by the Woodbury identity
+    `(JᵀJ/n + λI)⁻¹ g = (g - Jᵀ (nλ I + J Jᵀ)⁻¹ J g) / λ` (`J` the `(n, d)` per-sample
+    gradients) a step costs `O(n d + n³)`, and one eigendecomposition of the `n × n` Gram
+    matrix per step serves every `λ` of the search. With one loss (`n = 1`) this is the
+    rank-one Fisher `H = ∇ℓ ∇ℓᵀ` and Sherman-Morrison's closed form
+    `Δ = -(g - ∇ℓ (∇ℓ·g)/(λ + ‖∇ℓ‖²)) / λ`, `O(d)` a step. For instance for
+    `f = ‖u(x)‖^p / p` (nonlinear equations `u(x) = 0`, `p > 2`) the "Fisher term" of its
+    Hessian, `(p - 2) ∇f ∇fᵀ / ‖u‖^p`, is the empirical Fisher of the one loss
+    `ℓ = 2 sqrt((p - 2) f / p)` (Semenov, Jaggi and Doikov 2025).
+
     Args:
         per_sample_loss: `(params, *args, **kwargs) -> (n,)`, the losses `ℓ_i`, with the
             objective's extra arguments.
@@ -282,6 +299,39 @@ class EmpiricalFisher(AbstractCurvature):
         """`Jᵀ J / n`."""
         jacobian = self.jacobian(params, *args, **kwargs)
         return jacobian.T @ jacobian / jacobian.shape[0]
+
+    def regularised_solver(self, key, params, objective, g, *args, **kwargs):
+        """For `n < d`: `solve(λ) = -(g - Jᵀ (nλ I + J Jᵀ)⁻¹ J g) / λ` (Woodbury; `O(n d)`
+        a trial after one `O(n² d + n³)` Gram eigendecomposition); None for `n ≥ d`."""
+        flat, _ = ravel_pytree(params)
+        shape = jax.eval_shape(lambda p: self.per_sample_loss(p, *args, **kwargs), params)
+        num = shape.shape[0] if getattr(shape, "ndim", None) == 1 else None
+        if num is None or num >= flat.size:
+            return None
+        jacobian = self.jacobian(params, *args, **kwargs).astype(g.dtype)
+        projected = jacobian @ g  # J g
+        if num == 1:  # Sherman-Morrison
+            row = jacobian[0]
+            squared = row @ row
+            # g = parallel + perpendicular to ∇ℓ: (H + λI)⁻¹ scales them by 1/(λ + ‖∇ℓ‖²)
+            # and 1/λ (no cancellation in the parallel part, which is all of g when g ∥ ∇ℓ)
+            parallel = row * jnp.where(squared > 0, projected[0] / jnp.where(
+                squared > 0, squared, 1.0), 0.0)
+            perpendicular = g - parallel
+
+            def solve(lam):
+                return -(perpendicular / lam + parallel / (lam + squared)), jnp.asarray(True)
+
+            return solve
+        eigenvalues, vectors = jnp.linalg.eigh(jacobian @ jacobian.T)
+        rotated = vectors.T @ projected
+
+        def solve(lam):
+            shifted = jnp.maximum(eigenvalues, 0) + num * lam
+            coefficients = vectors @ (rotated / shifted)
+            return -(g - jacobian.T @ coefficients) / lam, jnp.asarray(True)
+
+        return solve
 
 
 class GaussNewton(AbstractCurvature):
@@ -405,7 +455,9 @@ class GradientRegularisedNewton(AbstractBackend):
     `adaptive=False` takes one trial with the fixed `γ = initial_gamma` (the acceptance
     test then only guards against non-finite values). Dense curvatures are solved by one
     eigendecomposition per step (every trial then costs `O(d²)`; a trial with
-    `H + λI` not positive definite is rejected); matrix-free ones by conjugate gradients.
+    `H + λI` not positive definite is rejected); matrix-free ones by conjugate gradients;
+    an `EmpiricalFisher` of fewer losses than parameters by the Woodbury identity
+    (`O(n d)` a trial; Sherman-Morrison's `O(d)` for the rank-one Fisher of one loss).
 
     The parameters move by `step_size · Δ` (default 1: the method as published). On an
     expectation with sample sites the gradient and the acceptance test are noisy, and
@@ -518,6 +570,9 @@ class GradientRegularisedNewton(AbstractBackend):
     def _solver(self, key, params, objective, g, args, kwargs):
         """`solve(λ) -> (Δ, valid)` with `Δ = -(H + λI)⁻¹ g`."""
         curvature = self.curvature
+        low_rank = curvature.regularised_solver(key, params, objective, g, *args, **kwargs)
+        if low_rank is not None:
+            return low_rank
         if curvature.matrix_free:
             product = curvature.product(key, params, objective, *args, **kwargs)
 

@@ -164,6 +164,42 @@ def test_empirical_fisher_equals_its_definition():
     np.testing.assert_allclose(fisher, grads.T @ grads / len(y), rtol=1e-10)
 
 
+@pytest.mark.parametrize("num_losses", [1, 3])
+def test_low_rank_empirical_fisher_solve_equals_a_dense_solve(num_losses):
+    # n < d: Sherman-Morrison (n = 1) or Woodbury (n = 3) against numpy's dense solve
+    rng = np.random.default_rng(num_losses)
+    a, w, g = rng.normal(size=(num_losses, 7)), rng.normal(size=7), rng.normal(size=7)
+    rows = np.cos(a * w)  # ℓ_i = Σ_j sin(a_ij w_j) / a_ij, so ∇ℓ_i = cos(a_i ∘ w)
+    with jax.enable_x64(True):
+        fisher = EmpiricalFisher(lambda w: jnp.sum(jnp.sin(jnp.asarray(a) * w) / a, axis=1))
+        solve = fisher.regularised_solver(jax.random.key(0), jnp.asarray(w), None,
+                                          jnp.asarray(g))
+        for lam in (1e-3, 0.5, 20.0):
+            delta, valid = solve(lam)
+            dense = np.linalg.solve(rows.T @ rows / num_losses + lam * np.eye(7), -g)
+            np.testing.assert_allclose(np.asarray(delta), dense, rtol=1e-9, atol=1e-12)
+            assert bool(valid)
+
+
+def test_rank_one_fisher_newton_solves_equations_with_a_linear_operator():
+    # f = ‖A x - b‖⁴ / 4 (A square, invertible: min 0 at A⁻¹ b); the rank-one Fisher term
+    # 2 ∇f ∇fᵀ / ‖u‖⁴ = ∇ℓ ∇ℓᵀ with ℓ = 2 sqrt(f / 2) (Semenov, Jaggi and Doikov 2025)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(8, 8)) + 4 * np.eye(8)
+    b = rng.normal(size=8)
+    solution = np.linalg.solve(a, b)
+
+    def f(x):
+        return jnp.sum((jnp.asarray(a) @ x - jnp.asarray(b)) ** 2) ** 2 / 4
+
+    with jax.enable_x64(True):
+        backend = GradientRegularisedNewton(
+            EmpiricalFisher(lambda x: (2 * jnp.sqrt(f(x) / 2))[None]))
+        result = fit(px.expectation(f), jnp.zeros(8), backend, 200)
+        assert float(f(result.params)) < 1e-10
+        np.testing.assert_allclose(np.asarray(result.params), solution, atol=2e-2)
+
+
 def test_gauss_newton_equals_its_definition_for_tanh_and_softmax_models():
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(7, 3)), rng.normal(size=7)
