@@ -2,6 +2,8 @@
 
 Usage:
     .venv/bin/python benchmarks/bench_ppg.py [--quick] [--budgets 16,64,256]
+        [--num-times T] [--num-runs R] [--sweeps 2:1,4:1,8:2]
+        [--fixed-n N --fixed-sweeps 2:1,4:1,8:2,16:4,32:8]
         [--threads 1|default] [--no-results]
 
 Model: `models.ssm.linear_gaussian_1d` with rho 0.9, sigma_x 1, sigma_y 1 (x_0 from the
@@ -20,6 +22,12 @@ for all, O(N) per step, so equal particle budgets are close to equal compute; PP
 draws a first reference (one O(N T) bootstrap genealogy) and stores each conditional run
 (O(N T) memory, where PaRIS keeps O(N)). Threads: XLA and NumPy pinned to one unless
 `--threads default`.
+
+`--sweeps k:b,...` sets the PPG rows of each budget (k sweeps, b of them burn-in);
+`--fixed-n N` adds a second table, PPG at fixed N with the sweeps of `--fixed-sweeps`
+against PaRIS at the same N (the bias should tend to 0 as the sweeps grow);
+`--num-times` and `--num-runs` override T and R (longer series make PaRIS's
+self-normalisation bias, O(T/N), measurable at small N).
 """
 
 from __future__ import annotations
@@ -44,6 +52,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-results", action="store_true", help="do not append RESULTS.md")
     parser.add_argument("--budgets", default="16,64,256",
                         help="comma-separated particle budgets N·sweeps (default 16,64,256)")
+    parser.add_argument("--num-times", type=int, default=None, help="series length T")
+    parser.add_argument("--num-runs", type=int, default=None, help="runs R per row")
+    parser.add_argument("--sweeps", default="2:1,4:1,8:2",
+                        help="PPG rows per budget, sweeps:burn-in (default 2:1,4:1,8:2)")
+    parser.add_argument("--fixed-n", type=int, default=None,
+                        help="also PPG at this fixed N against PaRIS at the same N")
+    parser.add_argument("--fixed-sweeps", default="2:1,4:1,8:2,16:4,32:8",
+                        help="sweeps:burn-in of the fixed-N rows")
     args = parser.parse_args(argv)
 
     import math
@@ -57,6 +73,14 @@ def main(argv=None) -> int:
     from tests.smc.kalman import kalman, lg1_matrices
 
     num_runs, num_times = (50, 20) if args.quick else (400, 50)
+    num_runs = args.num_runs or num_runs
+    num_times = args.num_times or num_times
+
+    def pairs(text):
+        out = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item]
+        if any(len(p) != 2 or p[0] < 1 or not 0 <= p[1] < p[0] for p in out):
+            raise SystemExit(f"bench_ppg: sweeps must be k:b with 0 <= b < k, got {text!r}")
+        return out
     model = ssm.linear_gaussian_1d
     params = {**ssm.LINEAR_GAUSSIAN_1D_PARAMS, "sigma_y": jnp.asarray(1.0)}
     _, ys = ssm.generate_data(model, params, num_times, seed=0)
@@ -86,14 +110,25 @@ def main(argv=None) -> int:
     configs = []
     for budget in budgets:
         configs.append((budget, "PaRIS", budget, 1, 0, paris(budget)))
-        for sweeps, burnin in ((2, 1), (4, 1), (8, 2)):
-            configs.append((budget, "PPG", budget // sweeps, sweeps, burnin,
-                            ppg(budget // sweeps, sweeps, burnin)))
+        for sweeps, burnin in pairs(args.sweeps):
+            if budget // sweeps >= 2:
+                configs.append((budget, "PPG", budget // sweeps, sweeps, burnin,
+                                ppg(budget // sweeps, sweeps, burnin)))
+    fixed = []
+    if args.fixed_n is not None:
+        n = args.fixed_n
+        fixed.append((n, "PaRIS", n, 1, 0, paris(n)))
+        for sweeps, burnin in pairs(args.fixed_sweeps):
+            fixed.append((n * sweeps, "PPG", n, sweeps, burnin, ppg(n, sweeps, burnin)))
 
     load_before = _common.load_average()
-    rows = []
+    rows, fixed_rows = [], []
     warm_keys = jax.random.split(jax.random.key(1), num_runs)
-    for budget, name, num_particles, sweeps, burnin, run in configs:
+    done = {}  # a fixed-N row already run for a budget is not run again
+    for index, (budget, name, num_particles, sweeps, burnin, run) in enumerate(configs + fixed):
+        if (name, num_particles, sweeps, burnin) in done:
+            fixed_rows.append(done[name, num_particles, sweeps, burnin])
+            continue
         batch = jax.jit(jax.vmap(run))
         start = time.perf_counter()
         jax.block_until_ready(batch(warm_keys))  # compile and a first run
@@ -111,12 +146,17 @@ def main(argv=None) -> int:
         for i in range(2):
             cells += [f"{bias[i]:+.3f} ± {se[i]:.3f}", f"{sd[i]:.3f}", f"{rmse[i]:.3f}"]
         cells += [f"{seconds:.2f}", f"{compile_s - seconds:.1f}"]
-        rows.append(cells)
+        (rows if index < len(configs) else fixed_rows).append(cells)
+        done[name, num_particles, sweeps, burnin] = cells
 
-    table = _common.markdown_table(
-        ["budget N·sweeps", "method", "N", "sweeps (burn-in)", "bias Σx (± se)", "sd Σx",
-         "RMSE Σx", "bias Σx₋x (± se)", "sd Σx₋x", "RMSE Σx₋x", f"s ({num_runs} runs)",
-         "compile s"], "rlrl" + "r" * 8, rows)
+    header = ["budget N·sweeps", "method", "N", "sweeps (burn-in)", "bias Σx (± se)", "sd Σx",
+              "RMSE Σx", "bias Σx₋x (± se)", "sd Σx₋x", "RMSE Σx₋x", f"s ({num_runs} runs)",
+              "compile s"]
+    table = _common.markdown_table(header, "rlrl" + "r" * 8, rows) if rows else ""
+    if fixed_rows:
+        table += (f"\n\nFixed N = {args.fixed_n}: PPG's bias against its sweeps, PaRIS at the "
+                  "same N first\n\n"
+                  + _common.markdown_table(header, "rlrl" + "r" * 8, fixed_rows))
     body = (_common.results_heading("bench_ppg.py", _common.command_line(argv, "bench_ppg.py"),
                                     _common.versions(["numpyro", "equinox"]))
             + f"- machine: {_common.machine()}; load before the run {load_before}, after "

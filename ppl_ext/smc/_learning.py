@@ -6,7 +6,8 @@ of an additive functional,
     ∇θ log p_θ(y_{0:T-1}) = E[ Σ_t ∇θ log f_θ(x_t | x_{t-1}) + ∇θ log g_θ(y_t | x_t) | y ]
 
 (with `∇θ log μ_θ(x_0)` for the first term), which PaRIS estimates online with memory O(N)
-(`fisher_score`). `fisher_objective` packages that estimate as an expectation program for
+(`fisher_score`), or PaRIS particle Gibbs with a bias decaying in its sweeps
+(`smoother="ppg"`). `fisher_objective` packages that estimate as an expectation program for
 `px.fit`: its value is the filter's `log p̂(y)` and its gradient the PaRIS score, so any
 optax transformation (and any gradient back-end) does maximum likelihood.
 
@@ -16,7 +17,8 @@ variational inference with KL(p||q)", NeurIPS 2020) fits a variational family
 conditional SMC kernel with `q_λ` as its proposal leaves `p(x | y)` invariant, and
 `λ ← λ + ε_k ∇λ log q_λ(x_k)` at the chain's state `x_k` is a stochastic-approximation
 step whose mean field is `-∇λ KL(p || q_λ)` (`MarkovScoreClimbing`,
-`markov_score_climbing`).
+`markov_score_climbing`); with `markov_kernel="ppg"` the move is a PPG sweep and the step
+the sweep's PaRIS estimate of `E[∇λ log q_λ(x) | y]`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..adev._expectation import Expectation
 from ..optim._progress import ProgressBar
 from ._filter import filter_kernel, run_filter
 from ._paris import Paris, run_paris
+from ._ppg import ParisParticleGibbs, PPGState, _ppg
 from ._resampling import SCHEMES, categorical, normalize
 from ._ssm import (
     StateSpaceModel,
@@ -180,8 +183,12 @@ class _StepScore(eqx.Module):
                             at_time(self.observations_dot, t), at_time(self.inputs_dot, t))
 
 
+#: the smoothers of the Fisher score: PaRIS, and PaRIS particle Gibbs
+SMOOTHERS = ("paris", "ppg")
+
+
 class _ScoreSettings(eqx.Module):
-    """The filter and PaRIS settings of a Fisher-score estimate (all static)."""
+    """The filter and smoother settings of a Fisher-score estimate (all static)."""
 
     model: StateSpaceModel
     num_particles: int = eqx.field(static=True)
@@ -192,6 +199,18 @@ class _ScoreSettings(eqx.Module):
     log_auxiliary: Callable | None = eqx.field(static=True)
     log_transition_bound: Callable | None = eqx.field(static=True)
     num_proposals: int = eqx.field(static=True)
+    smoother: str = eqx.field(default="paris", static=True)
+    num_sweeps: int = eqx.field(default=1, static=True)
+    num_burnin: int = eqx.field(default=0, static=True)
+
+    def ppg_kernel(self, params, observations, observations_dot=None,
+                   inputs_dot=None) -> ParisParticleGibbs:
+        """The `ParisParticleGibbs` kernel whose additive functional is the score."""
+        data = (observations, observations_dot, inputs_dot)
+        return ParisParticleGibbs(self.model, _StepScore(self.model, params, *data),
+                                  _InitialScore(self.model, params, *data),
+                                  self.num_particles, self.num_backward_samples,
+                                  self.log_transition_bound, self.num_proposals)
 
     def kernel(self, owner: str, params, observations, observations_dot=None,
                inputs_dot=None) -> Paris:
@@ -206,23 +225,42 @@ class _ScoreSettings(eqx.Module):
 
 
 def _settings(owner, model, *, num_particles, num_backward_samples, method, resampling,
-              ess_threshold, log_auxiliary, log_transition_bound, num_proposals
-              ) -> _ScoreSettings:
+              ess_threshold, log_auxiliary, log_transition_bound, num_proposals,
+              smoother="paris", num_sweeps=1, num_burnin=0) -> _ScoreSettings:
     _check_int(owner, "num_particles", num_particles, 2)
     _check_int(owner, "num_backward_samples", num_backward_samples, 1)
     _check_int(owner, "num_proposals", num_proposals, 1)
+    if not isinstance(smoother, str) or smoother not in SMOOTHERS:
+        raise ValueError(f"{owner}: smoother must be one of {', '.join(map(repr, SMOOTHERS))}, "
+                         f"got {smoother!r}")
+    _check_int(owner, "num_sweeps", num_sweeps, 1)
+    _check_int(owner, "num_burnin", num_burnin, 0)
+    if num_burnin >= num_sweeps:
+        raise ValueError(f"{owner}: num_burnin ({num_burnin}) must be below num_sweeps "
+                         f"({num_sweeps}): the PPG estimate averages the sweeps after the "
+                         "burn-in")
     settings = _ScoreSettings(model, int(num_particles), int(num_backward_samples), method,
                               resampling, ess_threshold, log_auxiliary,
-                              log_transition_bound, int(num_proposals))
+                              log_transition_bound, int(num_proposals), smoother,
+                              int(num_sweeps), int(num_burnin))
     settings.kernel(owner, None, None)  # checks the method, resampling and threshold
     return settings
 
 
 def _run_score(settings: _ScoreSettings, key, params, observations, inputs,
                observations_dot=None, inputs_dot=None):
-    """`(score, derivative along (ẏ, u̇), log p̂)` from one PaRIS run."""
+    """`(score, derivative along (ẏ, u̇), log p̂)` from one PaRIS run, or from PPG sweeps
+    (then `log p̂` from a filter run with `key`, as `_score_log_likelihood` computes it)."""
     kernel = settings.kernel("fisher_score", params, observations, observations_dot,
                              inputs_dot)
+    if settings.smoother == "ppg":
+        log_likelihood = run_filter(key, kernel.filter, params, observations, inputs, None,
+                                    False).log_likelihood
+        ppg_kernel = settings.ppg_kernel(params, observations, observations_dot, inputs_dot)
+        result = _ppg(jax.random.fold_in(key, 1), ppg_kernel, params, observations, inputs,
+                      None, settings.num_sweeps, settings.num_burnin)
+        (score, direction) = result.estimate
+        return score, direction, log_likelihood
     result = run_paris(key, kernel, params, observations, inputs)
     (score, direction) = result.estimate
     return score, direction, result.log_likelihood
@@ -237,8 +275,9 @@ def fisher_score(key: Array, model: StateSpaceModel, params: Any, observations: 
                  ess_threshold: float = 1.0, inputs: Any = None,
                  log_auxiliary: Callable | None = None,
                  log_transition_bound: Callable | None = None,
-                 num_proposals: int = 10) -> tuple[Any, Array]:
-    """Estimate the score `∇θ log p_θ(y_{0:T-1})` by Fisher's identity and PaRIS.
+                 num_proposals: int = 10, smoother: str = "paris", num_sweeps: int = 10,
+                 num_burnin: int = 2) -> tuple[Any, Array]:
+    """Estimate the score `∇θ log p_θ(y_{0:T-1})` by Fisher's identity and PaRIS or PPG.
 
     The score is the smoothing expectation of the additive functional
     `S(x) = ∇θ log μ_θ(x_0) + Σ_t ∇θ log f_θ(x_t | x_{t-1}) + Σ_t ∇θ log g_θ(y_t | x_t)`
@@ -252,6 +291,19 @@ def fisher_score(key: Array, model: StateSpaceModel, params: Any, observations: 
     `log p̂`. With multinomial resampling, `p̂(y) · (score estimate) / p(y)` is exactly
     unbiased for the score (the PaRIS statistic averages to the FFBS smoother); the plain
     estimate is consistent as `N → ∞`.
+
+    With `smoother="ppg"` the same additive functional is estimated by PaRIS particle
+    Gibbs (`ppg`; Cardoso, Janati, Le Corff, Moulines and Olsson, ICML 2023):
+    `num_sweeps` conditional-bootstrap-filter sweeps of `N` particles (multinomial
+    resampling), each running PaRIS on its particle system, averaged after the first
+    `num_burnin`. A sweep whose reference has the smoothing law is unbiased, so the bias
+    is that of the reference chain not yet at stationarity, and decays with the sweeps
+    instead of PaRIS's `O(T/N)`; the cost is `num_sweeps` PaRIS runs of `N` particles.
+    The chain starts afresh from one bootstrap-filter genealogy at every call (the
+    reference is not carried over between calls), so keep `num_burnin >= 1`. The
+    returned `log p̂` then comes from one run of the filter that `method`, `resampling`,
+    `ess_threshold` and `log_auxiliary` describe (those settings do not change the
+    sweeps).
 
     Args:
         key: a PRNG key.
@@ -268,14 +320,18 @@ def fisher_score(key: Array, model: StateSpaceModel, params: Any, observations: 
         log_transition_bound: `(params, t, inputs) -> log f̄` for accept-reject backward
             draws (see `paris`); None draws exactly (O(N²) per step).
         num_proposals: accept-reject rounds before the exact fallback.
+        smoother: `"paris"` (default) or `"ppg"` (PaRIS particle Gibbs, see above).
+        num_sweeps: PPG's sweeps `k`, burn-in included (at least 1; `"ppg"` only).
+        num_burnin: PPG's first sweeps left out of the average (`0 <= k_0 < k`).
 
     Returns:
         `(score, log_likelihood)`: the score estimate, a pytree like `params`, and the
         log of the filter's unbiased estimate of `p(y_{0:T-1})`.
 
     Raises:
-        ValueError: empty or mismatched observations, `num_particles < 2`, or `params`
-            the model's laws cannot read (a missing or misspelt entry).
+        ValueError: empty or mismatched observations, `num_particles < 2`, an unknown
+            `smoother`, `num_sweeps < 1`, `num_burnin` outside `[0, num_sweeps)`, or
+            `params` the model's laws cannot read (a missing or misspelt entry).
         TypeError: a non-floating parameter leaf.
 
     Example (the score of `a` in `x_t ~ N(a x_{t-1}, 1)`, `y_t ~ N(x_t, 1)`):
@@ -299,7 +355,8 @@ def fisher_score(key: Array, model: StateSpaceModel, params: Any, observations: 
                          resampling=resampling, ess_threshold=ess_threshold,
                          log_auxiliary=log_auxiliary,
                          log_transition_bound=log_transition_bound,
-                         num_proposals=num_proposals)
+                         num_proposals=num_proposals, smoother=smoother,
+                         num_sweeps=num_sweeps, num_burnin=num_burnin)
     _check_float_tree(owner, "params", params)
     _check_model_params(owner, model, params, observations, inputs)
     score, _, log_likelihood = _run_score_jit(settings, key, params, observations, inputs)
@@ -356,7 +413,8 @@ def fisher_objective(model: StateSpaceModel, *, num_particles: int = 1000,
                      resampling: str = "systematic", ess_threshold: float = 1.0,
                      log_auxiliary: Callable | None = None,
                      log_transition_bound: Callable | None = None,
-                     num_proposals: int = 10) -> Expectation:
+                     num_proposals: int = 10, smoother: str = "paris",
+                     num_sweeps: int = 10, num_burnin: int = 2) -> Expectation:
     """Maximum likelihood as an expectation program for `px.fit`: value `log p̂`, gradient
     the Fisher score.
 
@@ -378,6 +436,9 @@ def fisher_objective(model: StateSpaceModel, *, num_particles: int = 1000,
     hence biased low (`E[log p̂] <= log p(y)`, Jensen); the gradient is the PaRIS score,
     biased O(T/N) (self-normalised) and not the derivative of `E[log p̂]`. Both vanish as
     `N → ∞`; the fixed points of the ascent are those of `log p(y)` up to that bias.
+    With `smoother="ppg"` the gradient is the PPG score of `fisher_score` (`num_sweeps`
+    sweeps from a fresh bootstrap genealogy at every step), whose bias decays with the
+    sweeps rather than with `N`; the value stays the filter's `log p̂`.
     Differentiating with respect to the observations or inputs raises `ValueError`; the
     laws must be differentiable in `params`.
 
@@ -392,6 +453,9 @@ def fisher_objective(model: StateSpaceModel, *, num_particles: int = 1000,
         log_transition_bound: `(params, t, inputs) -> log f̄` for accept-reject backward
             draws; None draws exactly.
         num_proposals: accept-reject rounds before the exact fallback.
+        smoother: `"paris"` (default) or `"ppg"` (see `fisher_score`).
+        num_sweeps: PPG's sweeps, burn-in included (`"ppg"` only).
+        num_burnin: PPG's first sweeps left out of the average.
 
     Returns:
         A `px.Expectation` of `(params, observations, inputs=None)`.
@@ -421,7 +485,8 @@ def fisher_objective(model: StateSpaceModel, *, num_particles: int = 1000,
                          resampling=resampling, ess_threshold=ess_threshold,
                          log_auxiliary=log_auxiliary,
                          log_transition_bound=log_transition_bound,
-                         num_proposals=num_proposals)
+                         num_proposals=num_proposals, smoother=smoother,
+                         num_sweeps=num_sweeps, num_burnin=num_burnin)
 
     def fisher_log_likelihood(params, observations, inputs=None):
         _check_float_tree(owner, "params", params)
@@ -708,6 +773,41 @@ def _log_joint(model, model_params, trajectory, observations, inputs):
     return first + jnp.sum(jax.vmap(one)(jnp.arange(1, num_times, dtype=jnp.int32)))
 
 
+class _FamilyInitialScore(eqx.Module):
+    """`h_0(x_0) = (∇λ log q_0(x_0), [∇θ log μ_θ(x_0) g_θ(y_0 | x_0)])` for a PPG move."""
+
+    family: TrajectoryFamily
+    params: Any
+    model_score: _InitialScore | None
+
+    def __call__(self, x, inputs):
+        grad = jax.grad(lambda p: scalar_log_density(self.family.initial(p, inputs), x,
+                                                     "family's initial"))(self.params)
+        if self.model_score is None:
+            return (grad,)
+        return grad, self.model_score(x, inputs)[0]
+
+
+class _FamilyStepScore(eqx.Module):
+    """`h_t(x_{t-1}, x_t) = (∇λ log q_t(x_t | x_{t-1}), [∇θ log f_θ g_θ])` for a PPG move."""
+
+    family: TrajectoryFamily
+    params: Any
+    model_score: _StepScore | None
+
+    def __call__(self, x_prev, x, t, inputs):
+        grad = jax.grad(lambda p: scalar_log_density(
+            self.family.transition(p, x_prev, t, inputs), x, "family's transition"))(
+            self.params)
+        if self.model_score is None:
+            return (grad,)
+        return grad, self.model_score(x_prev, x, t, inputs)[0]
+
+
+#: the Markov kernels of Markovian score climbing
+MSC_KERNELS = ("csmc", "ppg")
+
+
 class MarkovScoreClimbing(AbstractKernel):
     """Markovian score climbing: fit `q_λ` to the smoothing law by minimising KL(p || q_λ).
 
@@ -732,6 +832,18 @@ class MarkovScoreClimbing(AbstractKernel):
     (`state.model_params`, started at `init`'s `model_params`), and `step`'s
     `model_params` must be None.
 
+    With `markov_kernel="ppg"` the move is a sweep of PaRIS particle Gibbs
+    (`ParisParticleGibbs`: the conditional bootstrap filter with the chain's trajectory
+    frozen, then backward sampling of the next one, `p(x | y)` invariant as well), and the
+    step's gradient is the sweep's PaRIS estimate of `E[∇λ log q_λ(x) | y]` over its whole
+    particle system (`log q_λ` is additive along the trajectory) instead of the value at
+    the one trajectory `x_k`: a Rao-Blackwellised estimate of the same mean field, exactly
+    unbiased for it when the chain is at stationarity (Cardoso, Janati, Le Corff, Moulines
+    and Olsson, ICML 2023). `q_λ` is then not a proposal (the sweep proposes from the
+    model's transition), so it need not cover the posterior's tails for the move to mix.
+    With a `model_optimizer`, `∇θ log p_θ(x, y)` is averaged the same way (the PPG
+    estimate of Fisher's identity along the chain).
+
     `init(key, params, model_params, observations, inputs=None)` draws a first trajectory
     from `q_λ`; `step(key, state, model_params, observations, inputs=None)`.
 
@@ -743,6 +855,9 @@ class MarkovScoreClimbing(AbstractKernel):
         model_optimizer: None (the model's parameters are fixed), or an optax
             `GradientTransformation` that learns them jointly (it minimises
             `-log p_θ(x_k, y)`).
+        markov_kernel: `"csmc"` (conditional SMC with `q_λ` as proposal and ancestor
+            sampling, default) or `"ppg"` (a PaRIS-particle-Gibbs sweep, see above).
+        num_backward_samples: PaRIS's `Ñ` in a `"ppg"` sweep (at least 1).
 
     Example:
         >>> import jax, jax.numpy as jnp, optax
@@ -766,9 +881,15 @@ class MarkovScoreClimbing(AbstractKernel):
     optimizer: optax.GradientTransformation
     num_particles: int = 100
     model_optimizer: optax.GradientTransformation | None = None
+    markov_kernel: str = eqx.field(default="csmc", static=True)
+    num_backward_samples: int = eqx.field(default=2, static=True)
 
     def __check_init__(self):
         owner = "MarkovScoreClimbing"
+        if not isinstance(self.markov_kernel, str) or self.markov_kernel not in MSC_KERNELS:
+            raise ValueError(f"{owner}: markov_kernel must be one of "
+                             f"{', '.join(map(repr, MSC_KERNELS))}, got {self.markov_kernel!r}")
+        _check_int(owner, "num_backward_samples", self.num_backward_samples, 1)
         if self.model_optimizer is not None and not isinstance(
                 self.model_optimizer, optax.GradientTransformation):
             raise TypeError(f"{owner}: model_optimizer must be None or an "
@@ -802,7 +923,7 @@ class MarkovScoreClimbing(AbstractKernel):
 
     def step(self, key: Array, state: MSCState, model_params: Any, observations: Any,
              inputs: Any = None) -> tuple[MSCState, MSCInfo]:
-        """Conditional SMC with `q_λ` as proposal, then an optax step on `-log q_λ(x_k)`."""
+        """A conditional-SMC (or PPG) move, then an optax step on `-log q_λ(x_k)`."""
         num_times = check_series(observations, inputs, "MarkovScoreClimbing.step")
         for leaf in jax.tree.leaves(state.trajectory):
             if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != num_times:
@@ -816,14 +937,20 @@ class MarkovScoreClimbing(AbstractKernel):
                                  "model_params=None")
             model_params = state.model_params
         params = state.params
-        trajectory, ess = _csmc_with_proposal(
-            key, self.model, model_params, self.family, jax.lax.stop_gradient(params),
-            observations, inputs, state.trajectory, self.num_particles)
-        trajectory = jax.lax.stop_gradient(
-            jax.tree.map(lambda new, old: new.astype(old.dtype), trajectory,
-                         state.trajectory))
-        log_density, grads = jax.value_and_grad(
-            lambda p: -self.family.log_density(p, trajectory, inputs))(params)
+        if self.markov_kernel == "ppg":
+            trajectory, ess, grads, model_grads = self._ppg_move(
+                key, state, params, model_params, observations, inputs)
+            log_density = -self.family.log_density(params, trajectory, inputs)
+        else:
+            trajectory, ess = _csmc_with_proposal(
+                key, self.model, model_params, self.family, jax.lax.stop_gradient(params),
+                observations, inputs, state.trajectory, self.num_particles)
+            trajectory = jax.lax.stop_gradient(
+                jax.tree.map(lambda new, old: new.astype(old.dtype), trajectory,
+                             state.trajectory))
+            log_density, grads = jax.value_and_grad(
+                lambda p: -self.family.log_density(p, trajectory, inputs))(params)
+            model_grads = None
         updates, opt_state = self.optimizer.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         new_params = jax.tree.map(lambda new, old: new.astype(jnp.asarray(old).dtype),
@@ -838,8 +965,9 @@ class MarkovScoreClimbing(AbstractKernel):
                        jnp.mean(per_time.astype(ess.dtype)), ess)
         if self.model_optimizer is None:
             return MSCState(trajectory, new_params, opt_state), info
-        model_grads = jax.grad(lambda theta: -_log_joint(
-            self.model, theta, trajectory, observations, inputs))(model_params)
+        if model_grads is None:
+            model_grads = jax.grad(lambda theta: -_log_joint(
+                self.model, theta, trajectory, observations, inputs))(model_params)
         model_updates, model_opt_state = self.model_optimizer.update(
             model_grads, state.model_opt_state, model_params)
         new_model_params = jax.tree.map(
@@ -847,6 +975,31 @@ class MarkovScoreClimbing(AbstractKernel):
             optax.apply_updates(model_params, model_updates), model_params)
         return MSCState(trajectory, new_params, opt_state, new_model_params,
                         model_opt_state), info
+
+
+    def _ppg_move(self, key, state, params, model_params, observations, inputs):
+        """A PPG sweep: the next trajectory, the ESS and the PaRIS estimates of the
+        gradients of `-log q_λ` (and of `-log p_θ(x, y)` when θ is learned)."""
+        frozen = jax.lax.stop_gradient(params)
+        learn = self.model_optimizer is not None
+        theta = jax.lax.stop_gradient(model_params) if learn else None
+        step_score = _StepScore(self.model, theta, observations) if learn else None
+        initial_score = _InitialScore(self.model, theta, observations) if learn else None
+        kernel = ParisParticleGibbs(
+            self.model, _FamilyStepScore(self.family, frozen, step_score),
+            _FamilyInitialScore(self.family, frozen, initial_score), self.num_particles,
+            self.num_backward_samples)
+        new_state, info = kernel.step(key, PPGState(state.trajectory), model_params,
+                                      observations, inputs)
+        trajectory = jax.lax.stop_gradient(
+            jax.tree.map(lambda new, old: new.astype(old.dtype), new_state.trajectory,
+                         state.trajectory))
+        estimate = jax.lax.stop_gradient(info.estimate)
+        negate = lambda tree, like: jax.tree.map(
+            lambda e, p: -e.astype(jnp.asarray(p).dtype), tree, like)
+        grads = negate(estimate[0], params)
+        model_grads = negate(estimate[1], model_params) if learn else None
+        return trajectory, jax.lax.stop_gradient(info.ess), grads, model_grads
 
 
 class MSCResult(NamedTuple):
@@ -898,7 +1051,8 @@ def markov_score_climbing(key: Array, model: StateSpaceModel, model_params: Any,
                           optimizer: optax.GradientTransformation, *, num_steps: int,
                           num_particles: int = 100, inputs: Any = None,
                           model_optimizer: optax.GradientTransformation | None = None,
-                          progress: bool = True) -> MSCResult:
+                          progress: bool = True, markov_kernel: str = "csmc",
+                          num_backward_samples: int = 2) -> MSCResult:
     """Fit `q_λ` to the smoothing law `p(x_{0:T-1} | y)` by Markovian score climbing.
 
     Runs `num_steps` steps of `MarkovScoreClimbing` (conditional SMC with `q_λ` as the
@@ -925,13 +1079,17 @@ def markov_score_climbing(key: Array, model: StateSpaceModel, model_params: Any,
             learns the model's parameters jointly from `model_params` (see
             `MarkovScoreClimbing`); the result's `model_params` then holds them.
         progress: show a tqdm progress bar.
+        markov_kernel: `"csmc"` (conditional SMC with `q_λ` as proposal, default) or
+            `"ppg"` (a PaRIS-particle-Gibbs sweep whose PaRIS estimate of
+            `E[∇λ log q_λ(x) | y]` is the gradient; see `MarkovScoreClimbing`).
+        num_backward_samples: PaRIS's `Ñ` in a `"ppg"` sweep.
 
     Returns:
         An `MSCResult`.
 
     Raises:
         ValueError: empty or mismatched observations, `num_particles < 2`, `num_steps < 1`,
-            or model or family parameters the laws cannot read.
+            an unknown `markov_kernel`, or model or family parameters the laws cannot read.
 
     Example (fit a mean-field Gaussian to the smoothing law of a random walk):
         >>> import jax, jax.numpy as jnp, optax
@@ -951,7 +1109,8 @@ def markov_score_climbing(key: Array, model: StateSpaceModel, model_params: Any,
         ((3,), (500,))
     """
     owner = "markov_score_climbing"
-    kernel = MarkovScoreClimbing(model, family, optimizer, num_particles, model_optimizer)
+    kernel = MarkovScoreClimbing(model, family, optimizer, num_particles, model_optimizer,
+                                 markov_kernel, num_backward_samples)
     num_steps = _check_int(owner, "num_steps", num_steps, 1)
     num_times = check_series(observations, inputs, owner)
     _check_model_params(owner, model, model_params, observations, inputs)

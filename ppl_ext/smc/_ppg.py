@@ -120,8 +120,9 @@ class ParisParticleGibbs(AbstractKernel):
     """
 
     model: StateSpaceModel
-    additive: Callable[..., Any] = eqx.field(static=True)
-    initial_additive: Callable[..., Any] | None = eqx.field(default=None, static=True)
+    # not static: an additive functional may hold arrays (the Fisher score's holds params)
+    additive: Callable[..., Any]
+    initial_additive: Callable[..., Any] | None = None
     num_particles: int = 100
     num_backward_samples: int = 2
     log_transition_bound: Callable[..., Any] | None = eqx.field(default=None, static=True)

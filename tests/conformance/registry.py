@@ -650,6 +650,12 @@ KERNELS: list[KernelCase] = [
         lambda kernel, key: kernel.init(key, _smc().mean_field_gaussian(5)[1],
                                         _filter_step_args(0)[0], jnp.linspace(-1., 1., 5)),
         lambda seed: (_filter_step_args(seed)[0], jnp.linspace(-1.0, 1.0, 5) + 0.1 * seed)),
+    KernelCase("smc.MarkovScoreClimbing(markov_kernel='ppg')", lambda: _smc(
+        ).MarkovScoreClimbing(_ssm_1d(), _smc().mean_field_gaussian(5)[0],
+                              _optax().adam(1e-2), num_particles=8, markov_kernel="ppg"),
+        lambda kernel, key: kernel.init(key, _smc().mean_field_gaussian(5)[1],
+                                        _filter_step_args(0)[0], jnp.linspace(-1., 1., 5)),
+        lambda seed: (_filter_step_args(seed)[0], jnp.linspace(-1.0, 1.0, 5) + 0.1 * seed)),
 ]
 
 
