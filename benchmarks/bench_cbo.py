@@ -4,6 +4,7 @@ Usage:
     .venv/bin/pip install cbx==1.0.4          # the peer (NumPy; `make benchmarks` does it)
     .venv/bin/python benchmarks/bench_cbo.py [--quick] [--threads 1|default] [--no-results]
     .venv/bin/python benchmarks/bench_cbo.py --curves [--quick] [--runs M] [--steps K]
+    .venv/bin/python benchmarks/bench_cbo.py --noise [--quick] [--runs M] [--steps K]
 
 Speed (default): CBXpy's own success-rate example (issue 15): Rastrigin in d = 20 (the
 standard, unnormalised one, 10 d + Σ (x² - 10 cos 2πx), global minimum 0 at the origin),
@@ -29,6 +30,11 @@ process CPU time of each call (less sensitive to the load of a shared machine th
 time); compile time apart. The machine is shared: XLA and NumPy (OpenBLAS/MKL/OMP) are
 pinned to one thread by default (`--threads 1`, set before jax and numpy are imported);
 `--threads default` leaves them.
+
+Noise (`--noise`): the CPU time per step of the step's Gaussian noise alone, by PRNG
+implementation (threefry in both layouts, philox, threefry4x32, rbg, unsafe_rbg), drawn
+one step or several steps at a time, of the uniform bits alone, and of the hand-fused step
+with and without the noise: where a step's time goes.
 
 Curves (`--curves`): success rate against N for Ackley in d = 20 and Rastrigin in d = 50,
 the same settings otherwise (α = 30, σ = 10.1, dt = 0.01, anisotropic, x0 uniform on
@@ -258,6 +264,80 @@ def curves(args, command) -> str:
                           "evaluations / run", "ppl_ext s", "CBXpy s"], "lrllrrr", rows))
 
 
+def noise_costs(args, command) -> str:
+    """CPU milliseconds per step of drawing the (runs, N, d) standard normals of one CBO step
+    in float32, one way at a time (each a jitted `lax.scan` over steps, the draws summed so
+    that nothing is optimised away), and of the hand-fused step with and without its noise."""
+    steps = 50 if args.quick else (args.steps or 500)
+    runs = args.runs or RUNS
+    shape = (runs, N, D)
+
+    def draws(impl, partitionable=False, block=1, uniform=False):
+        def batch(seed):
+            def body(total, key):
+                with jax.threefry_partitionable(partitionable):
+                    draw = (jax.random.uniform(key, (block,) + shape) if uniform
+                            else jax.random.normal(key, (block,) + shape))
+                return total + draw.sum(0), None
+
+            keys = jax.random.split(jax.random.key(seed, impl=impl), steps // block)
+            return jax.lax.scan(body, jnp.zeros(shape), keys)[0]
+
+        return batch
+
+    def fused(noise: bool):
+        def batch(seed):
+            x = jax.random.uniform(jax.random.key(seed), shape, minval=LOW, maxval=HIGH)
+
+            def body(x, key):
+                f = jax.vmap(jax.vmap(lambda z: rastrigin_jax(None, z)))(x)
+                w = jax.nn.softmax(-ALPHA * f, axis=-1)
+                drift = x - jnp.einsum("mn,mnd->md", w, x)[:, None]
+                with jax.threefry_partitionable(False):
+                    xi = jax.random.normal(key, shape) if noise else jnp.zeros(shape)
+                return x - DT * drift + SIGMA * jnp.sqrt(DT) * drift * xi, None
+
+            return jax.lax.scan(body, x, jax.random.split(jax.random.key(seed), steps))[0]
+
+        return batch
+
+    variants = {
+        "normal, threefry2x32, non-partitionable (the default)": draws("threefry2x32"),
+        "normal, threefry2x32, partitionable": draws("threefry2x32", True),
+        "normal, philox2x32": draws("philox2x32"),
+        "normal, threefry4x32": draws("threefry4x32"),
+        "normal, rbg": draws("rbg"),
+        "normal, unsafe_rbg": draws("unsafe_rbg"),
+        "normal, threefry, 5 steps drawn at once": draws("threefry2x32", block=5),
+        "normal, threefry, 10 steps drawn at once": draws("threefry2x32", block=10),
+        "uniform, threefry (the bits and their float conversion)": draws("threefry2x32",
+                                                                         uniform=True),
+        "hand-fused CBO step (Rastrigin), with its noise": fused(True),
+        "hand-fused CBO step (Rastrigin), noise replaced by 0": fused(False),
+    }
+    compiled = {name: jax.jit(fn).lower(0).compile() for name, fn in variants.items()}
+    for call in compiled.values():
+        jax.block_until_ready(call(0))
+    cpu = {name: [] for name in variants}
+    for r in range(args.repeats):  # interleaved
+        for name, call in compiled.items():
+            start = time.process_time()
+            jax.block_until_ready(call(r + 1))
+            cpu[name].append(1e3 * (time.process_time() - start) / steps)
+    base = statistics.median(cpu[next(iter(variants))])
+    rows = [[name, f"{statistics.median(t):.3f}", f"{min(t):.3f}",
+             f"{statistics.median(t) / base:.2f}"] for name, t in cpu.items()]
+    for row in rows:
+        log("  " + " | ".join(row))
+    return (
+        f"- noise cost: {runs} x {N} x {D} = {runs * N * D:,} float32 normals per step (CBXpy's "
+        f"Rastrigin setting, all runs batched), {steps} steps per call, process CPU ms per "
+        f"step, median and min over {args.repeats} interleaved repeats"
+        f"{' (QUICK)' if args.quick else ''}\n\n"
+        + markdown_table(["what is drawn / run", "CPU ms per step (median)", "min",
+                          "vs default normals"], "lrrr", rows))
+
+
 def plot_curves(table, runs, steps, quick) -> str:
     import matplotlib
 
@@ -290,6 +370,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="500 steps, fewer runs, 1 repeat")
     p.add_argument("--curves", action="store_true", help="success rate against N instead")
+    p.add_argument("--noise", action="store_true",
+                   help="the cost of the Gaussian noise per step, by PRNG and layout, instead")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--runs", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
@@ -300,7 +382,10 @@ def main(argv=None) -> int:
     load = load_average()
     log(f"# {command}; load {load}")
     start = time.perf_counter()
-    table = curves(args, command) if args.curves else speed(args, command)
+    if args.noise:
+        table = noise_costs(args, command)
+    else:
+        table = curves(args, command) if args.curves else speed(args, command)
     body = (
         results_heading("bench_cbo.py", command, versions(("jax", "numpy", "cbx")))
         + f"- machine: {machine()}; load before the run {load}, after {load_average()}; "
