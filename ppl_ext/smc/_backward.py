@@ -18,6 +18,10 @@ from ._resampling import categorical
 from ._ssm import StateSpaceModel, scalar_log_density
 
 
+#: at most this many transition densities are held at once by the exact fallback
+_FALLBACK_ELEMENTS = 1 << 20
+
+
 def backward_indices(key: Array, model: StateSpaceModel, params: Any, particles_prev: Any,
                      log_weights_prev: Array, particles: Any, t: Array, inputs: Any,
                      num_samples: int, log_transition_bound: Any = None,
@@ -26,10 +30,12 @@ def backward_indices(key: Array, model: StateSpaceModel, params: Any, particles_
 
     Exact draws cost O(N) each; with `log_transition_bound` (a scalar `log f̄ >= log f`),
     `num_proposals` rounds of accept-reject from `W_{t-1}` run first and only the draws
-    still missing use the exact kernel: up to `max(8, N·num_samples/8)` of them one by
-    one, all of them (O(N²)) when more are missing. Every draw has the exact backward
-    law (a mixture of exact laws). Returns `(indices (N, num_samples), acceptance)`, the
-    fraction of draws accepted by accept-reject.
+    still missing use the exact kernel, in chunks of at most `max(8, N·num_samples/8)`
+    draws (fewer for large `N`, so that a chunk holds at most `2^20` transition
+    densities): the fallback costs O(N) per missing draw and O(chunk·N) memory, never
+    an `N × N` table. Every draw has the exact backward law (a mixture of exact laws).
+    Returns `(indices (N, num_samples), acceptance)`, the fraction of draws accepted by
+    accept-reject.
     """
     num = jax.tree.leaves(particles)[0].shape[0]  # the particles at t (those drawn for)
 
@@ -62,31 +68,33 @@ def backward_indices(key: Array, model: StateSpaceModel, params: Any, particles_
     first = jnp.argmax(accepted, axis=0)  # the first accepted round, per draw
     any_accepted = jnp.any(accepted, axis=0)
     chosen = jnp.take_along_axis(proposals, first[None], axis=0)[0].astype(jnp.int32)
-    # exact draws for the draws no proposal was accepted for: a fixed budget of them
-    # (static shapes), or every particle's when more failed than the budget
+    # exact draws for the draws no proposal was accepted for, `chunk` of them at a time
+    # (static shapes: O(chunk·N) memory, time proportional to the failures)
     failed = ~any_accepted.reshape(-1)
     num_failed = jnp.sum(failed)
     size = num * num_samples
-    budget = min(size, max(8, size // 8))
+    num_prev = log_weights_prev.shape[0]
+    chunk = max(1, min(size, max(8, min(size // 8, _FALLBACK_ELEMENTS // max(num_prev, 1)))))
+    padded = -(-size // chunk) * chunk
+    (order,) = jnp.nonzero(failed, size=padded, fill_value=size)  # failed positions first
     key_fallback, _ = jax.random.split(key_exact)
 
-    def some():
-        (position,) = jnp.nonzero(failed, size=budget, fill_value=0)
-        rows = position // num_samples
+    def one(key, x):
+        logits = log_weights_prev + jax.vmap(lambda xp: log_transition(xp, x))(
+            particles_prev)
+        return categorical(key, logits)
+
+    def fill(carry):
+        step, flat = carry
+        position = jax.lax.dynamic_slice(order, (step * chunk,), (chunk,))
+        rows = jnp.minimum(position, size - 1) // num_samples
         xs = jax.tree.map(lambda a: a[rows], particles)
+        keys = jax.vmap(lambda p: jax.random.fold_in(key_fallback, p))(position)
+        draws = jax.vmap(one)(keys, xs).astype(flat.dtype)
+        return step + 1, flat.at[position].set(draws, mode="drop")  # `size`: dropped
 
-        def one(key, x):
-            logits = log_weights_prev + jax.vmap(lambda xp: log_transition(xp, x))(
-                particles_prev)
-            return categorical(key, logits)
-
-        draws = jax.vmap(one)(jax.random.split(key_fallback, budget), xs)
-        target = jnp.where(jnp.arange(budget) < num_failed, position, size)
-        return chosen.reshape(-1).at[target].set(draws, mode="drop").reshape(num, num_samples)
-
-    def every():
-        return jnp.where(any_accepted, chosen, jax.vmap(exact)(exact_keys, particles))
-
-    branch = jnp.where(num_failed == 0, 0, jnp.where(num_failed <= budget, 1, 2))
-    indices = jax.lax.switch(branch, [lambda: chosen, some, every])
+    num_chunks = (num_failed + chunk - 1) // chunk
+    _, flat = jax.lax.while_loop(lambda carry: carry[0] < num_chunks, fill,
+                                 (jnp.zeros((), num_chunks.dtype), chosen.reshape(-1)))
+    indices = flat.reshape(num, num_samples)
     return indices, jnp.mean(any_accepted.astype(log_weights_prev.dtype))
