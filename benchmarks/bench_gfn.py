@@ -13,7 +13,9 @@ trajectories; Adam with learning rate 1e-3 for the networks and 0.1 for log Z.
 
 Measured, interleaved (one task of each side in turn) and as medians over the repeats:
 
-- `step`: seconds per training step (sample 16 trajectories, TB loss, gradient, Adam)
+- `step`: seconds per training step (sample a batch of trajectories, TB loss, gradient,
+  Adam; batches of `--step-batches`: 128 on the 2-D grid and 512 on the 4-D grid, as
+  issue 12 asks, reported also as training trajectories per second)
   over `--steps` steps after warm-up steps; ppl_ext's compile time apart (px.fit's
   `history.compile_time`; its `wall_time` excludes it);
 - `converge`: steps until the *exact* L1 distance `Σ_x |P_T(x) − R(x)/Z|` falls below
@@ -123,11 +125,12 @@ def worker(pinned: bool) -> int:
         dimension, side, seed = task["dimension"], task["side"], task["seed"]
         env, pf, gflownet, optimizer = build(dimension, side, seed)
         if task["name"] == "step":
+            batch = task.get("batch", BATCH)
             for _ in range(task["warmup"]):
-                train_step(env, gflownet, optimizer)
+                train_step(env, gflownet, optimizer, batch)
             start = time.perf_counter()
             for _ in range(task["steps"]):
-                train_step(env, gflownet, optimizer)
+                train_step(env, gflownet, optimizer, batch)
             answer = {"seconds": (time.perf_counter() - start) / task["steps"]}
         elif task["name"] == "reference":  # a fixed number of steps, then the policy
             start = time.perf_counter()
@@ -190,6 +193,9 @@ def main(argv=None) -> int:
     p.add_argument("--check-every", type=int, default=100)
     p.add_argument("--max-steps", type=int, default=3000)
     p.add_argument("--dimensions", default="2,4")
+    p.add_argument("--step-batches", default="2:128,4:512",
+                   help="batch size of the step task per dimension, dimension:batch,... "
+                        "(issue 12: 128 on the 2-D grid, 512 on the 4-D grid)")
     p.add_argument("--tasks", default="step,converge",
                    help="comma-separated: step (time per step), converge (steps to L1), "
                         "reference (torchgfn's reference test settings: exact L1 and "
@@ -257,11 +263,14 @@ def main(argv=None) -> int:
         return optax.multi_transform({"net": optax.adam(LEARNING_RATE),
                                       "log_z": optax.adam(LOG_Z_LEARNING_RATE)}, labels)
 
+    step_batches = {int(d): int(b) for d, b in
+                    (item.split(":") for item in args.step_batches.split(","))}
+
     def ours_step(dimension, seed):
         env = gfn.Hypergrid(dimension, side)
         policy = gfn.MLPPolicy(env, hidden_sizes=(HIDDEN, HIDDEN), learned_backward=True)
         params = policy.init(jax.random.key(seed))
-        loss = gfn.trajectory_balance(policy, num_samples=BATCH)
+        loss = gfn.trajectory_balance(policy, num_samples=step_batches.get(dimension, BATCH))
         warm = px.fit(loss, params, adam(params), 10, jax.random.key(seed), maximize=False,
                       progress=False, chunk_size=10)
         result = px.fit(loss, warm.params, adam(params), steps, jax.random.key(seed + 1),
@@ -364,8 +373,9 @@ def main(argv=None) -> int:
             continue
         # warm-up of both sides (imports, first compilation)
         ours_step(dimension, 999)
+        step_batch = step_batches.get(dimension, BATCH)
         worker_proc.send({"name": "step", "dimension": dimension, "side": side, "seed": 999,
-                          "warmup": 2, "steps": 5})
+                          "warmup": 2, "steps": 5, "batch": step_batch})
         worker_proc.read()
         mine, compiles, theirs = [], [], []
         for r in range(repeats):  # interleaved
@@ -373,13 +383,14 @@ def main(argv=None) -> int:
             mine.append(seconds)
             compiles.append(compile_s)
             worker_proc.send({"name": "step", "dimension": dimension, "side": side,
-                              "seed": r, "warmup": 10, "steps": steps})
+                              "seed": r, "warmup": 10, "steps": steps, "batch": step_batch})
             theirs.append(worker_proc.read()["seconds"])
             log(f"  step D={dimension} repeat {r}: ppl_ext {mine[-1] * 1e3:.2f} ms, "
                 f"torchgfn {theirs[-1] * 1e3:.2f} ms")
         t_mine, t_theirs = statistics.median(mine), statistics.median(theirs)
-        step_rows.append([f"{dimension}-D, H={side}", f"{t_mine * 1e3:.2f}",
-                          f"{t_theirs * 1e3:.2f}", f"{t_theirs / t_mine:.1f}x",
+        step_rows.append([f"{dimension}-D, H={side}", f"{step_batch}", f"{t_mine * 1e3:.2f}",
+                          f"{t_theirs * 1e3:.2f}", f"{step_batch / t_mine:.0f}",
+                          f"{step_batch / t_theirs:.0f}", f"{t_theirs / t_mine:.1f}x",
                           f"{statistics.median(compiles):.2f}"])
         log("  " + " | ".join(map(str, step_rows[-1])))
     for dimension in dimensions if "converge" in tasks else []:
@@ -433,15 +444,18 @@ def main(argv=None) -> int:
         f"{repeats}{' (QUICK)' if args.quick else ''}\n"
         "- torchgfn in a worker subprocess under .venv-torchgfn (CPU torch); hypergrid with "
         "the original reward (torchgfn's rewards checked equal to px.gfn.Hypergrid's on "
-        "every state), MLPs 2 x 256 (separate forward and backward), TB, batch 16, "
-        "Adam 1e-3 (log Z 0.1), on-policy\n"
+        "every state), MLPs 2 x 256 (separate forward and backward), TB, Adam 1e-3 "
+        f"(log Z 0.1), on-policy; batch {BATCH} in the converge task\n"
     )
     if step_rows:
         body += (
-            f"- time per training step: median over the repeats of the mean over {steps} "
-            "steps (after warm-up); ppl_ext's compile time apart\n\n"
-            + markdown_table(["grid", "ppl_ext ms/step", "torchgfn ms/step", "speed-up",
-                              "ppl_ext compile s"], "lrrrr", step_rows) + "\n")
+            f"- time per training step (sample a batch of trajectories, TB loss, gradient, "
+            f"Adam): median over the repeats of the mean over {steps} steps (after "
+            "warm-up); training trajectories per second = batch / time per step; ppl_ext's "
+            "compile time apart\n\n"
+            + markdown_table(["grid", "batch", "ppl_ext ms/step", "torchgfn ms/step",
+                              "ppl_ext traj/s", "torchgfn traj/s", "speed-up",
+                              "ppl_ext compile s"], "lrrrrrrr", step_rows) + "\n")
     if converge_rows:
         body += (
             f"- steps to an exact L1 < {args.threshold} (Σ_x |P_T(x) − R(x)/Z|, checked "

@@ -75,39 +75,127 @@ def _categorical(probs: jax.Array, uniform: jax.Array) -> jax.Array:
     return jnp.argmax(cumulative > uniform * cumulative[-1]).astype(jnp.int32)
 
 
-def _rollout(policy: AbstractPolicy, params, uniforms: jax.Array, exploration: float):
-    """One trajectory from `s0`, driven by `uniforms` `(max_length,)`."""
+def _row_tiers(num_rows: int, min_rows: int = 0, factor: int = 2) -> list[int]:
+    """Static row counts `_on_rows` may evaluate: `num_rows`, divided by `factor` while
+    the result still holds `min_rows` and is at least `num_rows / 32` and 8 (each tier
+    is compiled: fewer tiers compile faster, more waste less)."""
+    floor = max(min_rows, num_rows // 32, 8)
+    sizes, size = [num_rows], num_rows
+    while -(-size // factor) >= floor and size > 1:
+        size = -(-size // factor)
+        sizes.append(size)
+    return sorted(set(sizes))
+
+
+def _on_rows(fn, rows, keep: jax.Array, min_rows: int = 0, factor: int = 2):
+    """`jax.vmap(fn)(rows)` at the rows where `keep`, computed on those rows only.
+
+    The kept rows are packed first (stable order) and `fn` runs on the smallest static
+    tier of rows (`_row_tiers`) that holds them all, chosen by `lax.switch`, so the cost
+    follows the number of kept rows (at most `factor` times it, or the smallest tier),
+    not the padded batch; `min_rows` is a known lower bound on their number (no smaller
+    tier). Outputs at other rows are unspecified (zeros or `fn` of some other row): mask
+    them. Differentiable (reverse mode recomputes and differentiates the tier that ran).
+    """
+    num_rows = keep.shape[0]
+    sizes = _row_tiers(num_rows, min_rows, factor)
+    if len(sizes) == 1:
+        return jax.vmap(fn)(rows)
+    keep = keep.astype(bool)
+    count = jnp.sum(keep, dtype=jnp.int32)
+    kept_so_far = jnp.cumsum(keep, dtype=jnp.int32)
+    positions = jnp.arange(num_rows, dtype=jnp.int32)
+    # packed position of each row: kept rows first, then the others, both in order
+    dest = jnp.where(keep, kept_so_far - 1, count + positions - kept_so_far)
+    order = jnp.zeros((num_rows,), jnp.int32).at[dest].set(positions, unique_indices=True)
+    packed = jax.tree.map(lambda r: r[order], rows)
+
+    out_shapes = jax.eval_shape(jax.vmap(fn), rows)
+
+    def tier(size):
+        def run(packed):
+            out = jax.vmap(fn)(jax.tree.map(lambda r: r[:size], packed))
+            if size == num_rows:
+                return out
+            return jax.tree.map(
+                lambda o, s: jnp.concatenate([o, jnp.zeros((num_rows - size,) + o.shape[1:],
+                                                           s.dtype)]), out, out_shapes)
+        return run
+
+    index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count)
+    # rematerialised: reverse mode saves no activations of the tiers (a cond's branches
+    # would all return zero-filled copies of every tier's activations)
+    out = lax.switch(index, [jax.checkpoint(tier(size)) for size in sizes], packed)
+    return jax.tree.map(lambda o: o[dest], out)
+
+
+def _batch(policy: AbstractPolicy, params, uniforms: jax.Array,
+           exploration: float) -> Trajectories:
+    """`uniforms.shape[0]` trajectories from `s0`, each driven by a row of `uniforms`
+    `(num, max_length)` (one inverse-CDF draw a step).
+
+    Two passes. The rollout, a `lax.scan` over the steps of the whole batch, evaluates
+    the forward policy at the (stop-gradient) parameters only at the trajectories still
+    running (`_on_rows`), to draw the actions. Then `log P_F(a_t | s_t)` and
+    `log P_B(s_t | s_{t+1})` are computed, differentiably, on the transitions actually
+    taken, all steps at once (one batched evaluation of each network instead of one per
+    step, and none on the padding after the exit).
+    """
     env = policy.env
+    frozen = lax.stop_gradient(params)
+    num, length = uniforms.shape
+    s0 = env.initial_state()
+    exit_only = (jnp.arange(env.num_actions) == env.exit_action).astype(uniforms.dtype)
 
     def body(carry, uniform):
         state, done = carry
-        log_probs = policy.forward_log_probs(params, state)
-        mask = env.forward_mask(state)
-        probs = lax.stop_gradient(jnp.exp(log_probs))
+        running = ~done
+        log_probs = _on_rows(lambda s: policy.forward_log_probs(frozen, s), state, running,
+                             0, 4)
+        probs = jnp.exp(log_probs)
         if exploration > 0.0:
-            probs = (1.0 - exploration) * probs + exploration * mask / jnp.sum(mask)
-        action = _categorical(probs, uniform)
+            mask = jax.vmap(env.forward_mask)(state)
+            probs = (1.0 - exploration) * probs \
+                + exploration * mask / jnp.sum(mask, axis=-1, keepdims=True)
+        probs = jnp.where(running[:, None], probs, exit_only)  # finished: exit, masked
+        action = jax.vmap(_categorical)(probs, uniform)
         is_exit = action == env.exit_action
-        next_state = env.step(state, action)
-        backward = env.to_backward_action(state, action)
-        log_pb = policy.backward_log_probs(params, next_state)[
-            jnp.where(is_exit, 0, backward)]
-        active = ~done
-        next_state = jnp.where(done, state, next_state)
-        out = (state, action, active, jnp.where(active, log_probs[action], 0.0),
-               jnp.where(active & ~is_exit, log_pb, 0.0))
-        return (next_state, done | is_exit), out
+        child = jax.vmap(env.step)(state, action)
+        stay = jnp.reshape(done | is_exit, (num,) + (1,) * (state.ndim - 1))
+        return (jnp.where(stay, state, child), done | is_exit), (state, action, running)
 
-    init = (env.initial_state(), jnp.zeros((), bool))
-    (last, done), (states, actions, active, log_pf, log_pb) = lax.scan(body, init, uniforms)
-    states = jnp.concatenate([states, last[None]], axis=0)
+    init = (jnp.broadcast_to(s0, (num, *s0.shape)), jnp.zeros((num,), bool))
+    (last, _), (states, actions, active) = lax.scan(body, init, uniforms.T)
+    states = jnp.concatenate([jnp.moveaxis(states, 0, 1), last[:, None]], axis=1)
+    actions, active = actions.T, active.T
+
+    state_shape = s0.shape
+    parents = states[:, :-1].reshape((num * length, *state_shape))
+    children = states[:, 1:].reshape((num * length, *state_shape))
+    flat_actions = actions.reshape(-1)
+    is_exit = actions == env.exit_action
+    moving = active & ~is_exit
+
+    def forward_term(row):
+        state, action = row
+        return policy.forward_log_probs(params, state)[action]
+
+    def backward_term(row):
+        parent, action, child = row
+        backward = jnp.clip(jnp.where(action == env.exit_action, 0,
+                                      env.to_backward_action(parent, action)),
+                            0, env.num_backward_actions - 1)
+        return policy.backward_log_probs(params, child)[backward]
+
+    # every trajectory takes at least one step: never fewer than `num` rows
+    # differentiated (each tier compiles a forward and a backward pass): tiers 4x apart
+    log_pf = _on_rows(forward_term, (parents, flat_actions), active.reshape(-1), num, 4)
+    log_pb = _on_rows(backward_term, (parents, flat_actions, children), moving.reshape(-1),
+                      0, 4)
+    log_pf = jnp.where(active, log_pf.reshape(num, length), 0.0)
+    log_pb = jnp.where(moving, log_pb.reshape(num, length), 0.0)
     return Trajectories(states, actions, active, log_pf, log_pb, last,
-                        env.log_reward(last)), done
-
-
-def _batch(policy, params, uniforms, exploration) -> Trajectories:
-    trajectories, _ = jax.vmap(lambda u: _rollout(policy, params, u, exploration))(uniforms)
-    return trajectories
+                        jax.vmap(env.log_reward)(last))
 
 
 def sample_trajectories(key: jax.Array, policy: AbstractPolicy, params: dict,
@@ -295,11 +383,16 @@ def _state_flows(policy, params, batch, log_reward, energy):
     forward-looking parametrisation); positions `L ..` the sink after the exit, whose
     flow is the (tempered) reward, `log R(x)`.
     """
-    learned = jax.vmap(jax.vmap(lambda s: policy.log_flow(params, s)))(batch.states)
-    if energy is not None:
-        learned = learned - jax.vmap(jax.vmap(energy))(batch.states)
-    steps = jnp.arange(batch.states.shape[1])
+    num, positions = batch.states.shape[:2]
+    steps = jnp.arange(positions)
     length = jnp.sum(batch.active, axis=-1, keepdims=True)
+    # the learned flows are read at positions 1 .. L - 1 only: evaluated there only
+    states = batch.states.reshape((num * positions, *batch.states.shape[2:]))
+    inner = ((steps >= 1) & (steps < length)).reshape(-1)
+    learned = _on_rows(lambda s: policy.log_flow(params, s), states, inner, 0, 4)
+    if energy is not None:
+        learned = learned - jax.vmap(energy)(states)
+    learned = learned.reshape(num, positions)
     flows = jnp.where(steps == 0, params["log_z"], learned)
     return jnp.where(steps >= length, log_reward[:, None], flows)
 
