@@ -135,6 +135,8 @@ def main(argv=None) -> int:
                    help="the N of the smoother rows (T = 100), comma-separated")
     p.add_argument("--bias-runs", type=int, default=12,
                    help="particles' runs per smoother in the bias table (ppl_ext: 10x)")
+    p.add_argument("--tasks", default="filter,ffbs,ffbs_hybrid,paris",
+                   help="the rows of the main table to run, comma-separated")
     p.add_argument("--threads", choices=("1", "default"), default="1")
     p.add_argument("--no-results", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -220,6 +222,10 @@ def main(argv=None) -> int:
     rows = []
     tasks = [("filter", n, t) for n, t in filters] + [
         (name, n, t) for name in ("ffbs", "ffbs_hybrid", "paris") for n, t in smoothers]
+    chosen, known = set(args.tasks.split(",")), {"filter", "ffbs", "ffbs_hybrid", "paris"}
+    if not chosen <= known:
+        raise SystemExit(f"--tasks: unknown task(s) {sorted(chosen - known)}")
+    tasks = [task for task in tasks if task[0] in chosen]
     for name, n, t in tasks:
         repeats_here = args.heavy_repeats if (name, n, t) in heavy else repeats
         call, compile_s = ours(name, n, t)
