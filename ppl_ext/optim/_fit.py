@@ -38,7 +38,7 @@ TARGET_CHUNK_SECONDS = 0.25
 MAX_CHUNK_SIZE = 4096
 
 _FIT_NAMES = ("objective", "params", "backend", "num_steps", "key", "maximize",
-              "chunk_size", "progress", "callbacks", "early_stopping")
+              "chunk_size", "progress", "callbacks", "early_stopping", "record_grad_norm")
 
 
 class FitHistory(NamedTuple):
@@ -49,7 +49,8 @@ class FitHistory(NamedTuple):
             parameters the step started from, in the user's sign (the ELBO when
             maximising an ELBO). Noisy: average windows of it to see a trend.
         grad_norm: float array `(num_steps_run,)`, the global L2 norm of each step's
-            gradient estimate (NaN for back-ends that use no gradient).
+            gradient estimate (NaN for back-ends that use no gradient, and for every step
+            of a fit run with `record_grad_norm=False`).
         step: int array `(num_chunks,)`, the number of steps done at the end of each chunk.
         wall_time: float array `(num_chunks,)`, seconds spent running steps up to the end
             of each chunk (cumulative; `np.diff` gives per-chunk times), compilation
@@ -154,6 +155,7 @@ def fit(
     progress: bool = True,
     callbacks: Callable | Sequence[Callable] = (),
     early_stopping: Callable | None = None,
+    record_grad_norm: bool = True,
     **kwargs: Any,
 ) -> FitResult:
     """Optimise an expectation program's parameters with any back-end.
@@ -194,6 +196,10 @@ def fit(
         early_stopping: `None`, an `EarlyStopping` rule, or any callable
             `(step, state, history) -> bool`, asked after every chunk (after the
             callbacks); True stops the fit there.
+        record_grad_norm: record each step's gradient norm in `history.grad_norm`
+            (default). With False the entries are NaN and the norm is never computed
+            (XLA drops it), which saves its cost (about 1.5 µs a step for a 2·10⁴-parameter
+            model on one CPU core) when steps are very cheap.
         **kwargs: keyword arguments of the objective (not differentiated).
 
     Returns:
@@ -233,6 +239,10 @@ def fit(
     key = _as_key(key)
     callbacks = _as_callbacks(callbacks)
     early_stopping = _as_stopping(early_stopping, maximize)
+    if not isinstance(record_grad_norm, (bool, np.bool_)):
+        raise TypeError(
+            f"record_grad_norm must be True or False, got {type(record_grad_norm).__name__} "
+            f"{record_grad_norm!r}.")
     _check_signature(program, name, num_params, params, args, kwargs)
     params = _canonical_params(params)
 
@@ -247,7 +257,7 @@ def fit(
         state = _strong(backend.init(key_init, params, target, *args, **kwargs))
         _check_params_tree(backend, state, params)
         buffer = chunk_size or min(num_steps, MAX_CHUNK_SIZE)
-        chunk = _chunk_program(backend, target, static, buffer, value_dtype)
+        chunk = _chunk_program(backend, target, static, buffer, value_dtype, record_grad_norm)
         compiled = jax.jit(chunk).lower(state, np.int32(0), np.int32(1), key, dynamic).compile()
         compile_time = time.perf_counter() - start
         if bar is not None:
@@ -293,11 +303,13 @@ def fit(
 # ------------------------------------------------------------------------------ the loop
 
 
-def _chunk_program(backend, target, static, buffer: int, value_dtype):
+def _chunk_program(backend, target, static, buffer: int, value_dtype,
+                   record_grad_norm: bool = True):
     """`chunk(state, start, length, key, dynamic) -> (state, values, grad_norms)`.
 
     Runs steps `start, ..., start + length - 1` (`length <= buffer`); the per-step
-    estimates fill the first `length` entries of buffers of size `buffer`.
+    estimates fill the first `length` entries of buffers of size `buffer` (the gradient
+    norms stay NaN unless `record_grad_norm`).
     """
 
     def chunk(state, start, length, key, dynamic):
@@ -309,8 +321,9 @@ def _chunk_program(backend, target, static, buffer: int, value_dtype):
             new_state, info = backend.step(step_key, state, target, *args, **kwargs)
             value, grad_norm = _info_scalars(backend, info)
             new_state = _like(backend, new_state, state)
-            return (new_state, values.at[i].set(value.astype(value_dtype)),
-                    grad_norms.at[i].set(grad_norm.astype(value_dtype)))
+            if record_grad_norm:
+                grad_norms = grad_norms.at[i].set(grad_norm.astype(value_dtype))
+            return new_state, values.at[i].set(value.astype(value_dtype)), grad_norms
 
         values = jnp.full((buffer,), jnp.nan, value_dtype)
         return lax.fori_loop(0, length, body, (state, values, values))

@@ -296,6 +296,16 @@ def test_chunk_size_does_not_change_the_result():
     assert list(runs[1].history.step) == [7, 14, 21, 28, 35, 40]
 
 
+def test_record_grad_norm_false_keeps_the_fit_and_leaves_norms_nan():
+    runs = [fit(quadratic, THETA0, optax.adam(0.05), 30, jax.random.key(8), chunk_size=7,
+                progress=False, record_grad_norm=record) for record in (True, False)]
+    np.testing.assert_array_equal(runs[1].params["theta"], runs[0].params["theta"])
+    np.testing.assert_array_equal(runs[1].history.value, runs[0].history.value)
+    assert np.all(np.isfinite(runs[0].history.grad_norm))
+    assert runs[1].history.grad_norm.shape == (30,)
+    assert np.all(np.isnan(runs[1].history.grad_norm))
+
+
 def test_no_retrace_per_chunk():
     traces = {"count": 0}
 
@@ -442,6 +452,10 @@ def test_bad_input_gives_clear_errors():
         fit(quadratic, THETA0, adam, 10, key, early_stopping=EarlyStopping(patience=0))
     with pytest.raises(TypeError, match="callbacks"):
         fit(quadratic, THETA0, adam, 10, key, callbacks=[1])
+    with pytest.raises(TypeError, match="record_grad_norm must be True or False"):
+        fit(quadratic, THETA0, adam, 10, key, record_grad_norm="no")
+    with pytest.raises(TypeError, match="did you mean 'record_grad_norm'"):
+        fit(quadratic, THETA0, adam, 10, key, record_grad_norms=False)
 
     @px.expectation
     def vector(params):
