@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 import pytest
+import scipy.stats
 
 import ppl_ext as px
 from ppl_ext.optim import (
@@ -20,7 +21,8 @@ from ppl_ext.optim import (
     ConsensusState,
     PolarisedCBO,
 )
-from tests.helpers import tree_allclose
+from ppl_ext.optim._cbo import QUANTISED_LEVELS
+from tests.helpers import assert_unbiased, tree_allclose
 
 
 def rastrigin(key, x):
@@ -40,12 +42,13 @@ def run(backend, objective, params, num_steps, key):
     return state
 
 
-def test_cbo_finds_the_global_minimiser_of_rastrigin():
+@pytest.mark.parametrize("increments", ["gaussian", "quantised"])
+def test_cbo_finds_the_global_minimiser_of_rastrigin(increments):
     """d = 5, CBXpy's Rastrigin settings (N = 40, anisotropic, α = 30, σ = 10.1, dt = 0.01,
     x0 uniform on [-3, 3]^d), 600 steps; success (best particle within 0.25 of the origin
     in max-norm, CBXpy's criterion) in at least 95 of 100 independent runs."""
     backend = CBO(num_particles=40, alpha=30.0, sigma=10.1, dt=0.01, noise="anisotropic",
-                  init_bounds=(-3.0, 3.0), estimate="best")
+                  init_bounds=(-3.0, 3.0), estimate="best", increments=increments)
     keys = jax.random.split(jax.random.key(0), 100)
     states = jax.jit(jax.vmap(lambda k: run(backend, rastrigin, jnp.zeros(5), 600, k)))(keys)
     success = np.max(np.abs(np.asarray(states.best_params)), axis=1) < 0.25
@@ -53,6 +56,37 @@ def test_cbo_finds_the_global_minimiser_of_rastrigin():
     # the tracked best is the best evaluated value, and it is Rastrigin at best_params
     values = jax.vmap(lambda x: rastrigin(None, x))(states.best_params)
     assert np.allclose(values, states.best_value, rtol=1e-5, atol=1e-5)
+
+
+def test_quantised_increments_have_the_moments_of_euler_maruyama():
+    """The 256 levels have mean 0, variance 1 and third moment 0 (the weak-order-1
+    conditions), each is drawn with probability 1/256, and one CBO step from a fixed cloud
+    has Euler-Maruyama's per-coordinate mean `x - λ dt (x - m)` and variance
+    `σ² dt (x - m)²` (anisotropic), against those closed forms within K_SE."""
+    levels = np.asarray(QUANTISED_LEVELS)
+    assert levels.shape == (256,)
+    assert abs(levels.mean()) < 1e-15 and abs(np.mean(levels**3)) < 1e-14
+    assert abs(np.mean(levels**2) - 1.0) < 1e-14
+    backend = CBO(num_particles=8, alpha=2.0, sigma=1.5, dt=0.1, drift_rate=1.0,
+                  increments="quantised")
+    flat = jax.random.normal(jax.random.key(1), (8, 5))
+    values = jnp.sum(flat**2, axis=1)
+    moved = jax.jit(jax.vmap(lambda k: backend._move(k, flat, values)[0]))(
+        jax.random.split(jax.random.key(2), 20_000))
+    consensus = np.asarray(backend._move(jax.random.key(0), flat, values)[1])
+    drift = np.asarray(flat) - consensus
+    mean = np.asarray(flat) - 0.1 * drift
+    xi = (np.asarray(moved) - mean) / (1.5 * np.sqrt(0.1) * drift)
+    # every draw is one of the levels; the level counts pass a chi-square test of
+    # uniformity at level 1e-4 (255 degrees of freedom)
+    index = np.searchsorted((levels[1:] + levels[:-1]) / 2, xi.reshape(-1))  # nearest level
+    assert np.allclose(xi.reshape(-1), levels[index], atol=1e-3)
+    counts = np.bincount(index, minlength=256)
+    expected = index.size / 256
+    assert np.sum((counts - expected) ** 2 / expected) < scipy.stats.chi2.ppf(1 - 1e-4, 255)
+    assert_unbiased(np.asarray(moved).reshape(20_000, -1), mean.reshape(-1), what="step mean")
+    assert_unbiased(((np.asarray(moved) - mean) ** 2).reshape(20_000, -1),
+                    (1.5**2 * 0.1 * drift**2).reshape(-1), what="step variance")
 
 
 def test_drift_follows_minus_the_gradient_at_the_consensus_point():
@@ -181,6 +215,8 @@ def test_cloud_sharded_over_two_devices_matches_one_device():
     sharding, single = particle_sharding(jax.devices()[:2]), particle_sharding(jax.devices()[:1])
     params = {"w": jnp.zeros(3), "b": jnp.ones(2)}
     for build in (lambda **kw: CBO(num_particles=64, alpha=30.0, init_scale=2.0, **kw),
+                  lambda **kw: CBO(num_particles=64, alpha=30.0, init_scale=2.0,
+                                   increments="quantised", **kw),
                   lambda **kw: PolarisedCBO(num_particles=64, kernel_width=1.0, **kw)):
         one = px.fit(loss, params, build(sharding=single), 30, jax.random.key(0),
                      maximize=False, progress=False)
@@ -265,6 +301,10 @@ def test_unknown_names_are_refused():
         CBO(noise="gaussian")
     with pytest.raises(ValueError, match="PolarisedCBO.noise must be one of"):
         PolarisedCBO(noise="Isotropic")
+    with pytest.raises(ValueError, match="CBO.increments must be one of 'gaussian', 'quantised'"):
+        CBO(increments="rademacher")
+    with pytest.raises(ValueError, match="PolarisedCBO.increments must be one of"):
+        PolarisedCBO(increments="normal")
     with pytest.raises(ValueError, match="mode must be one of 'sampling', 'optimisation'"):
         ConsensusBasedSampling(mode="optimization")
     with pytest.raises(ValueError, match="sigma must be finite and non-negative"):
