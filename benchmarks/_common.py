@@ -155,3 +155,49 @@ def report(body: str, no_results: bool) -> int:
         append_results(body)
         log(f"appended to {RESULTS}")
     return 0
+
+
+class PeerWorker:
+    """The main process's end of a peer library running in a subprocess under another
+    interpreter (its own virtual environment): one JSON object a line each way.
+
+    The subprocess is `python script *args`; `XLA_FLAGS` (the main side's JAX pinning) is
+    not passed on. `name` names the peer in errors."""
+
+    def __init__(self, python, script, args: Sequence[str] = (), name: str = "peer",
+                 env: dict | None = None, cwd=None):
+        import json
+
+        self._json = json
+        self.name = name
+        environ = dict(os.environ)
+        environ.pop("XLA_FLAGS", None)
+        environ.update(env or {})
+        self.proc = subprocess.Popen([str(python), str(script), *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1,
+                                     env=environ, cwd=None if cwd is None else str(cwd))
+
+    def send(self, message: dict) -> None:
+        self.proc.stdin.write(self._json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.name} worker exited (code {self.proc.poll()})")
+        return self._json.loads(line)
+
+    def ask(self, message: dict) -> dict:
+        """Send one message and read one answer."""
+        self.send(message)
+        return self.read()
+
+    def close(self, timeout: float = 300) -> None:
+        """Close its input and wait for it; a worker still busy after `timeout` seconds (a
+        loaded machine) is killed, so the results already read are kept."""
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+

@@ -39,12 +39,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import pin_threads_unless_default  # noqa: E402 (stdlib only)
+from _common import PeerWorker, pin_threads_unless_default  # noqa: E402 (stdlib only)
 
 PINNED = pin_threads_unless_default(sys.argv)  # before jax, numpy or torch are imported
 
@@ -115,28 +114,10 @@ def worker(pinned: bool) -> int:
     return 0
 
 
-class Worker:
-    def __init__(self, python: Path, pinned: bool):
-        env = dict(os.environ)
-        env.pop("XLA_FLAGS", None)
-        argv = [str(python), __file__, "--worker"] + ([] if pinned else ["--threads", "default"])
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1, env=env)
-
-    def ask(self, message: dict) -> dict:
-        self.proc.stdin.write(json.dumps(message) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the torchcfm worker exited (code {self.proc.poll()})")
-        return json.loads(line)
-
-    def close(self):
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:  # a loaded machine: don't lose the results
-            self.proc.kill()
+def Worker(python: Path, pinned: bool) -> PeerWorker:
+    """The torchcfm worker: this script with `--worker` under `python`."""
+    return PeerWorker(python, __file__, ["--worker"] + ([] if pinned else ["--threads", "default"]),
+                      name="torchcfm")
 
 
 # ------------------------------------------------------------------------ the main side
