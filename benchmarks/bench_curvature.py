@@ -33,7 +33,8 @@ the steps times the measured time per step of the same run.
   5 seeds vmapped), the first step at which M-FAC's full-data loss is at most what SGD
   reaches in 1,000 steps (each with the best of a small learning-rate grid).
 - `fit` (part 5): px.fit against a hand-written jitted loop of the same steps for SGD,
-  M-FAC and GradientRegularisedNewton (exact Hessian, empirical Fisher), paired chunks as
+  M-FAC, GradientRegularisedNewton (exact Hessian, empirical Fisher), N-PG-IGT and
+  N-HARPG (on the LQR's policy-gradient objective), paired chunks as
   in bench_fit.py; each pair records the same per-step values (px.fit's default, the
   estimate and the gradient norm; and `record_grad_norm=False`, the estimate only).
 - `rates` (part 6): GradientRegularisedNewton's log-residual slope on part 2's logistic
@@ -470,6 +471,14 @@ def run_fit_overhead(chunk, num_chunks):
 
     mlp = (mlp_objective(), init_mlp(jax.random.key(0)), (x, y))
     logreg = (logistic, jnp.zeros(xb.shape[1]), (xb, yb))
+    lqr = px.optim.LinearQuadraticRegulator.small()
+    reward = lqr.objective()
+
+    @px.expectation
+    def lqr_cost(gain):  # minimised: the negated reward (actions drawn by px.reinforce)
+        return -reward.fn(gain)
+
+    policy = (lqr_cost, lqr.initial_gain(), ())
     contenders = [
         ("optax.sgd(0.3)", mlp, optax.sgd(0.3)),
         ("mfac(32, 1e-3) + lr 1e-2", mlp,
@@ -477,7 +486,11 @@ def run_fit_overhead(chunk, num_chunks):
         ("GradientRegularisedNewton(ExactHessian)", logreg, GradientRegularisedNewton()),
         ("GradientRegularisedNewton(EmpiricalFisher)", logreg,
          GradientRegularisedNewton(EmpiricalFisher(per_sample))),
+        ("NormalisedPGIGT(1e-3)", policy, px.optim.NormalisedPGIGT(step_size=1e-3)),
+        ("NormalisedHARPG(1e-3)", policy, px.optim.NormalisedHARPG(step_size=1e-3)),
     ]
+    names = {id(mlp[0]): "MLP (digits)", id(logreg[0]): "logistic (breast cancer)",
+             id(policy[0]): "LQR policy gradient"}
     rows = []
     for name, (objective, params, args), backend in contenders:
         for record in (True, False):
@@ -487,8 +500,7 @@ def run_fit_overhead(chunk, num_chunks):
             recorded = "value, grad norm" if record else "value"
             log(f"{name} ({recorded}): px.fit {fit_us:.1f} µs/step, hand-written "
                 f"{hand_us:.1f} µs/step, ratio {q2:.3f} (IQR {q1:.3f}-{q3:.3f})")
-            rows.append((name, "MLP (digits)" if objective is mlp[0]
-                         else "logistic (breast cancer)", recorded, f"{fit_us:.1f}",
+            rows.append((name, names[id(objective)], recorded, f"{fit_us:.1f}",
                          f"{hand_us:.1f}", f"{q2:.3f}", f"{q1:.3f}–{q3:.3f}", len(ratios),
                          "yes" if q2 <= 1.05 else "no"))
     return markdown_table(
@@ -688,7 +700,9 @@ def main(argv=None) -> int:
             "with the mean of the runs before and after it; both sides record the same "
             "per-step values, px.fit's default (estimate and gradient norm) and "
             "`record_grad_norm=False` (estimate only)); MLP: 64-32-10 tanh, minibatch "
-            "64 drawn in the objective; logistic: breast cancer, float32; target ratio at "
+            "64 drawn in the objective; logistic: breast cancer, float32; LQR: "
+            "`LinearQuadraticRegulator.small()`'s negated reward (one trajectory a step, two "
+            "for N-HARPG); target ratio at "
             f"most 1.05; load after {load_average()}\n\n" + table)
     if args.part in ("rates", "all"):
         table = run_grn_rates(60 if args.quick else 300)
