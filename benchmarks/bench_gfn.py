@@ -25,12 +25,20 @@ Measured, interleaved (one task of each side in turn) and as medians over the re
   its exact terminal distribution is computed here, in the parent, by the same DP
   (`px.gfn.terminal_distribution` on a table policy), so both are judged alike.
 
-- `reference` (`--tasks reference`): torchgfn's reference test settings (TB, batch 128,
+- `reference` (`--tasks reference`): torchgfn's reference test settings (batch 128,
   250 iterations, the same networks and learning rates, learned backward policy) on each
-  side for `--ref-seeds` seeds; then the exact L1, `|log Z − log Z*|` and torchgfn's
-  sampled L1 (mean over states, 200,000 terminal states drawn as one multinomial from
-  the exact terminal distribution, the same law as sampled trajectories) for both sides,
-  torchgfn's judged on its exported policy table by the same DP.
+  side for `--ref-seeds` seeds, for the objectives of `--ref-losses` (TB, DB, SubTB with
+  λ = 0.9 geometric-within weighting, LPV = log-partition variance; torchgfn's
+  `TBGFlowNet`, `DBGFlowNet`, `SubTBGFlowNet`, `LogPartitionVarianceGFlowNet`); then the
+  exact L1, `|log Z − log Z*|` and torchgfn's sampled L1 (mean over states, 200,000
+  terminal states drawn as one multinomial from the exact terminal distribution, the same
+  law as sampled trajectories) for both sides, torchgfn's judged on its exported policy
+  table by the same DP; mean ± standard error, median (worst), and the difference of the
+  means with its SE (Welch; the seeds are unpaired). With `--ref-same-init` ppl_ext starts
+  from torchgfn's initial weights of the same seed (paired seeds: the sides then differ
+  only in the sampled trajectories and rounding; the SE is that of the paired
+  differences). Both sides compute the same loss and gradient on the same trajectories
+  from the same weights (checked to float32 rounding: TB on 2-D and 4-D).
 
 torchgfn needs torch, whose CPU wheel here is for Python 3.11, so it runs in a worker
 subprocess under `.venv-torchgfn`; the main process sends it one JSON task at a time.
@@ -44,12 +52,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import pin_threads_unless_default  # noqa: E402 (stdlib only)
+from _common import PeerWorker, pin_threads_unless_default  # noqa: E402 (stdlib only)
 
 PINNED = pin_threads_unless_default(sys.argv)  # before jax, numpy or torch are imported
 
@@ -67,8 +74,9 @@ def worker(pinned: bool) -> int:
     import itertools
 
     import torch
-    from gfn.estimators import DiscretePolicyEstimator
-    from gfn.gflownet import TBGFlowNet
+    from gfn.estimators import DiscretePolicyEstimator, ScalarEstimator
+    from gfn.gflownet import (DBGFlowNet, LogPartitionVarianceGFlowNet, SubTBGFlowNet,
+                              TBGFlowNet)
     from gfn.gym import HyperGrid
     from gfn.preprocessors import KHotPreprocessor
     from gfn.utils.modules import MLP
@@ -76,7 +84,11 @@ def worker(pinned: bool) -> int:
     if pinned:
         torch.set_num_threads(1)
 
-    def build(dimension, side, seed):
+    def build(dimension, side, seed, loss="TB"):
+        """torchgfn's hypergrid GFlowNet for `loss` (TB, DB, SubTB or LPV), as its
+        `train_hypergrid.py` builds it: K-hot preprocessor, separate MLPs 2 x 256 for
+        P_F, P_B (and log F for DB and SubTB, built after them), log Z a scalar at 0;
+        Adam 1e-3 for the networks, 0.1 for log Z."""
         torch.manual_seed(seed)
         env = HyperGrid(ndim=dimension, height=side)
         preprocessor = KHotPreprocessor(height=side, ndim=dimension)
@@ -87,16 +99,53 @@ def worker(pinned: bool) -> int:
         pf = DiscretePolicyEstimator(module_pf, env.n_actions, preprocessor=preprocessor)
         pb = DiscretePolicyEstimator(module_pb, env.n_actions, preprocessor=preprocessor,
                                      is_backward=True)
-        gflownet = TBGFlowNet(pf=pf, pb=pb, init_logZ=0.0)
-        optimizer = torch.optim.Adam(gflownet.pf_pb_parameters(), lr=LEARNING_RATE)
-        optimizer.add_param_group({"params": gflownet.logz_parameters(),
-                                   "lr": LOG_Z_LEARNING_RATE})
-        return env, pf, gflownet, optimizer
+        modules = {"forward": module_pf, "backward": module_pb}
+        if loss in ("DB", "SubTB"):
+            module_flow = MLP(input_dim=preprocessor.output_dim, output_dim=1,
+                              hidden_dim=HIDDEN, n_hidden_layers=2)
+            modules["log_flow"] = module_flow
+            log_flow = ScalarEstimator(module_flow, preprocessor=preprocessor)
+            if loss == "DB":
+                gflownet = DBGFlowNet(pf=pf, pb=pb, logF=log_flow)
+            else:
+                gflownet = SubTBGFlowNet(pf=pf, pb=pb, logF=log_flow, lamda=0.9,
+                                         weighting="geometric_within")
+            optimizer = torch.optim.Adam(gflownet.parameters(), lr=LEARNING_RATE)
+        elif loss == "LPV":
+            gflownet = LogPartitionVarianceGFlowNet(pf=pf, pb=pb)
+            optimizer = torch.optim.Adam(gflownet.pf_pb_parameters(), lr=LEARNING_RATE)
+        else:
+            gflownet = TBGFlowNet(pf=pf, pb=pb, init_logZ=0.0)
+            optimizer = torch.optim.Adam(gflownet.pf_pb_parameters(), lr=LEARNING_RATE)
+            optimizer.add_param_group({"params": gflownet.logz_parameters(),
+                                       "lr": LOG_Z_LEARNING_RATE})
+        return env, pf, gflownet, optimizer, modules
+
+    def weights(modules):
+        """The MLPs' layers as [[weight, bias], ...] lists (out x in weights, as equinox)."""
+        out = {}
+        for name, module in modules.items():
+            layers = [m for m in module.trunk if isinstance(m, torch.nn.Linear)]
+            layers.append(module.last_layer)
+            out[name] = [[layer.weight.detach().tolist(), layer.bias.detach().tolist()]
+                         for layer in layers]
+        return out
+
+    def log_z_of(env, gflownet, loss):
+        """log Z: the TB scalar, log F(s0) of the flow network (DB, SubTB), none for LPV."""
+        if loss == "TB":
+            return float(gflownet.logZ.detach())
+        if loss in ("DB", "SubTB"):
+            with torch.no_grad():
+                s0 = env.states_from_tensor(torch.zeros((1, env.ndim), dtype=torch.long))
+                return float(gflownet.logF(s0).reshape(-1)[0])
+        return None
 
     def train_step(env, gflownet, optimizer, batch=BATCH):
         trajectories = gflownet.sample_trajectories(env, n=batch, save_logprobs=True)
         optimizer.zero_grad()
-        loss = gflownet.loss(env, trajectories, recalculate_all_logprobs=False)
+        samples = gflownet.to_training_samples(trajectories)  # DB: transitions
+        loss = gflownet.loss(env, samples, recalculate_all_logprobs=False)
         loss.backward()
         optimizer.step()
 
@@ -123,8 +172,11 @@ def worker(pinned: bool) -> int:
                               "log_rewards": log_rewards.tolist()}), flush=True)
             continue
         dimension, side, seed = task["dimension"], task["side"], task["seed"]
-        env, pf, gflownet, optimizer = build(dimension, side, seed)
-        if task["name"] == "step":
+        loss = task.get("loss", "TB")
+        env, pf, gflownet, optimizer, modules = build(dimension, side, seed, loss)
+        if task["name"] == "weights":  # the initial weights of this seed
+            answer = {"weights": weights(modules)}
+        elif task["name"] == "step":
             batch = task.get("batch", BATCH)
             for _ in range(task["warmup"]):
                 train_step(env, gflownet, optimizer, batch)
@@ -138,7 +190,7 @@ def worker(pinned: bool) -> int:
                 train_step(env, gflownet, optimizer, task["batch"])
             answer = {"train_seconds": time.perf_counter() - start,
                       "table": policy_table(env, pf, dimension, side),
-                      "log_z": float(gflownet.logZ.detach())}
+                      "log_z": log_z_of(env, gflownet, loss)}
         else:  # converge: policy tables at the checkpoints, judged by the parent
             tables, seconds = [], 0.0
             for step in range(1, task["max_steps"] + 1):
@@ -158,27 +210,10 @@ def worker(pinned: bool) -> int:
     return 0
 
 
-class Worker:
-    def __init__(self, python: Path, pinned: bool):
-        env = dict(os.environ)
-        env.pop("XLA_FLAGS", None)
-        argv = [str(python), __file__, "--worker"] + ([] if pinned else ["--threads", "default"])
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1, env=env)
-
-    def send(self, message: dict) -> None:
-        self.proc.stdin.write(json.dumps(message) + "\n")
-        self.proc.stdin.flush()
-
-    def read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the torchgfn worker exited (code {self.proc.poll()})")
-        return json.loads(line)
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+def Worker(python: Path, pinned: bool) -> PeerWorker:
+    """The torchgfn worker: this script with `--worker` under `python`."""
+    return PeerWorker(python, __file__, ["--worker"] + ([] if pinned else ["--threads", "default"]),
+                      name="torchgfn")
 
 
 # ------------------------------------------------------------------------ the main side
@@ -203,6 +238,16 @@ def main(argv=None) -> int:
     p.add_argument("--ref-iterations", type=int, default=250)
     p.add_argument("--ref-batch", type=int, default=128)
     p.add_argument("--ref-seeds", type=int, default=5)
+    p.add_argument("--ref-first-seed", type=int, default=200,
+                   help="seeds of the reference task: this one and the next --ref-seeds - 1")
+    p.add_argument("--ref-losses", default="TB",
+                   help="comma-separated objectives of the reference task, both sides: TB, "
+                        "DB, SubTB (lambda 0.9, geometric within), LPV (log-partition "
+                        "variance)")
+    p.add_argument("--ref-same-init", action="store_true",
+                   help="paired seeds: ppl_ext starts from torchgfn's initial weights of "
+                        "the same seed (then the sides differ only in the sampled "
+                        "trajectories and float rounding)")
     p.add_argument("--threads", choices=("1", "default"), default="1")
     p.add_argument("--no-results", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -310,26 +355,61 @@ def main(argv=None) -> int:
         return (float(np.abs(model - target).sum()), log_z_error,
                 float(np.abs(histogram - target).mean()))
 
-    def ours_reference(dimension, seed):
+    objectives = {
+        "TB": gfn.trajectory_balance,
+        "DB": gfn.detailed_balance,
+        "SubTB": lambda policy, num_samples: gfn.subtrajectory_balance(
+            policy, num_samples=num_samples, lamda=0.9, weighting="geometric_within"),
+        "LPV": gfn.log_partition_variance,
+    }
+    ref_losses = args.ref_losses.split(",")
+    if not ref_losses or not set(ref_losses) <= set(objectives):
+        raise SystemExit(f"--ref-losses: TB, DB, SubTB and/or LPV, got {args.ref_losses!r}")
+
+    def load_weights(params, weights):
+        """`params` with the MLP layers replaced by torchgfn's initial weights."""
+        params = dict(params)
+        for name, layers in weights.items():
+            params[name] = tuple(
+                eqx.tree_at(lambda layer: (layer.weight, layer.bias), layer,
+                            (jnp.asarray(w, layer.weight.dtype), jnp.asarray(b, layer.bias.dtype)))
+                for layer, (w, b) in zip(params[name], layers, strict=True))
+        return params
+
+    def ours_reference(dimension, seed, loss_name="TB", weights=None):
         env = gfn.Hypergrid(dimension, side)
         policy = gfn.MLPPolicy(env, hidden_sizes=(HIDDEN, HIDDEN), learned_backward=True)
-        params = policy.init(jax.random.key(seed))
-        loss = gfn.trajectory_balance(policy, num_samples=args.ref_batch)
+        params = policy.init(jax.random.key(seed), log_flow=loss_name in ("DB", "SubTB"))
+        if weights is not None:
+            params = load_weights(params, weights)
+        loss = objectives[loss_name](policy, num_samples=args.ref_batch)
         result = px.fit(loss, params, adam(params), args.ref_iterations,
                         jax.random.key(seed + 1), maximize=False, progress=False,
                         chunk_size=args.ref_iterations)
-        return judge(policy, result.params, seed) + (float(result.history.wall_time[-1]),)
+        l1, log_z_error, sampled = judge(policy, result.params, seed)
+        if loss_name == "LPV":  # no log Z is learned
+            log_z_error = float("nan")
+        return l1, log_z_error, sampled, float(result.history.wall_time[-1])
 
-    def theirs_reference(worker_proc, dimension, seed):
+    def theirs_weights(worker_proc, dimension, seed, loss_name):
+        worker_proc.send({"name": "weights", "dimension": dimension, "side": side,
+                          "seed": seed, "loss": loss_name})
+        return worker_proc.read()["weights"]
+
+    def theirs_reference(worker_proc, dimension, seed, loss_name="TB"):
         policy = TablePolicy(gfn.Hypergrid(dimension, side))
         worker_proc.send({"name": "reference", "dimension": dimension, "side": side,
                           "seed": seed, "iterations": args.ref_iterations,
-                          "batch": args.ref_batch})
+                          "batch": args.ref_batch, "loss": loss_name})
         answer = worker_proc.read()
         exact_l1(policy, answer["table"])  # checks the exported table
+        log_z = answer["log_z"]
         params = {"forward": jnp.asarray(answer["table"], jnp.float32),
-                  "log_z": jnp.asarray(answer["log_z"])}
-        return judge(policy, params, seed) + (answer["train_seconds"],)
+                  "log_z": jnp.asarray(0.0 if log_z is None else log_z)}
+        l1, log_z_error, sampled = judge(policy, params, seed)
+        if log_z is None:
+            log_z_error = float("nan")
+        return l1, log_z_error, sampled, answer["train_seconds"]
 
     def theirs_converge(worker_proc, dimension, seed):
         policy = TablePolicy(gfn.Hypergrid(dimension, side))
@@ -413,28 +493,74 @@ def main(argv=None) -> int:
                               f"{statistics.median(mine_l1):.3f}",
                               f"{statistics.median(their_l1):.3f}"])
         log("  " + " | ".join(map(str, converge_rows[-1])))
+    def mean_se(values):
+        values = np.asarray(values, float)
+        if np.all(np.isnan(values)):
+            return "n/a"
+        se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+        return f"{values.mean():.4f} ± {se:.4f}"
+
+    def median_worst(values):
+        values = np.asarray(values, float)
+        if np.all(np.isnan(values)):
+            return "n/a"
+        return f"{np.median(values):.4f} ({values.max():.4f})"
+
+    def compare(mine, theirs, paired):
+        """ppl_ext − torchgfn: difference of the means ± its standard error (Welch for
+        unpaired seeds; the SE of the per-seed differences for paired ones), and whether
+        ours is no worse (mean <= theirs) or at least not significantly worse (<= 2 SE)."""
+        mine, theirs = np.asarray(mine, float), np.asarray(theirs, float)
+        if np.all(np.isnan(mine)) or len(mine) < 2:
+            return "n/a"
+        if paired:
+            diff = mine - theirs
+            delta, se = diff.mean(), diff.std(ddof=1) / np.sqrt(len(diff))
+        else:
+            delta = mine.mean() - theirs.mean()
+            se = np.sqrt(mine.var(ddof=1) / len(mine) + theirs.var(ddof=1) / len(theirs))
+        verdict = ("no worse" if delta <= 0 else
+                   "worse, within 2 SE" if delta <= 2 * se else "WORSE (> 2 SE)")
+        return f"{delta:+.4f} ± {se:.4f}: {verdict}"
+
+    reference_raw = {}
     for dimension in dimensions if "reference" in tasks else []:
-        found = {"ppl_ext": [], "torchgfn": []}
-        for seed in range(args.ref_seeds):  # interleaved
-            found["ppl_ext"].append(ours_reference(dimension, 200 + seed))
-            found["torchgfn"].append(theirs_reference(worker_proc, dimension, 200 + seed))
-            log(f"  reference D={dimension} seed {seed}: " + "; ".join(
-                f"{name} exact L1 {v[-1][0]:.4f}, |log Z err| {v[-1][1]:.4f}, sampled L1 "
-                f"{v[-1][2]:.5f}, {v[-1][3]:.1f} s" for name, v in found.items()))
-        for name, values in found.items():
-            values = np.asarray(values)
-            reference_rows.append([f"{dimension}-D, H={side}", name] + [
-                f"{np.median(values[:, i]):.4f} ({values[:, i].max():.4f})"
-                for i in range(3)] + [f"{np.median(values[:, 3]):.1f}"])
-        mine, theirs = np.asarray(found["ppl_ext"]), np.asarray(found["torchgfn"])
-        reference_rows.append([f"{dimension}-D, H={side}", "ours no worse?",
-                               f"median {np.median(mine[:, 0]) <= np.median(theirs[:, 0])}"
-                               f", seeds {int(np.sum(mine[:, 0] <= theirs[:, 0]))}/"
-                               f"{len(mine)}",
-                               f"median {np.median(mine[:, 1]) <= np.median(theirs[:, 1])}"
-                               f", seeds {int(np.sum(mine[:, 1] <= theirs[:, 1]))}/"
-                               f"{len(mine)}", "", ""])
-        log("  " + " | ".join(map(str, reference_rows[-1])))
+        for loss_name in ref_losses:
+            found = {"ppl_ext": [], "torchgfn": []}
+            for seed in range(args.ref_seeds):  # interleaved
+                seed_value = args.ref_first_seed + seed
+                weights = (theirs_weights(worker_proc, dimension, seed_value, loss_name)
+                           if args.ref_same_init else None)
+                found["ppl_ext"].append(ours_reference(dimension, seed_value, loss_name,
+                                                       weights))
+                found["torchgfn"].append(theirs_reference(worker_proc, dimension, seed_value,
+                                                          loss_name))
+                log(f"  reference D={dimension} {loss_name} seed {seed}: " + "; ".join(
+                    f"{name} exact L1 {v[-1][0]:.4f}, |log Z err| {v[-1][1]:.4f}, sampled "
+                    f"L1 {v[-1][2]:.5f}, {v[-1][3]:.1f} s" for name, v in found.items()))
+            reference_raw[f"{dimension}-D {loss_name}"] = {
+                name: np.asarray(v).tolist() for name, v in found.items()}
+            for name, values in found.items():
+                values = np.asarray(values, float)
+                reference_rows.append([
+                    f"{dimension}-D, H={side}", loss_name, name,
+                    mean_se(values[:, 0]), median_worst(values[:, 0]),
+                    mean_se(values[:, 1]), median_worst(values[:, 1]),
+                    f"{np.median(values[:, 2]):.5f}", f"{np.median(values[:, 3]):.1f}"])
+            mine = np.asarray(found["ppl_ext"], float)
+            theirs = np.asarray(found["torchgfn"], float)
+            reference_rows.append([
+                f"{dimension}-D, H={side}", loss_name, "ppl_ext − torchgfn",
+                compare(mine[:, 0], theirs[:, 0], args.ref_same_init),
+                f"seeds no worse {int(np.sum(mine[:, 0] <= theirs[:, 0]))}/{len(mine)}",
+                compare(mine[:, 1], theirs[:, 1], args.ref_same_init),
+                "n/a" if np.all(np.isnan(mine[:, 1])) else
+                f"seeds no worse {int(np.sum(mine[:, 1] <= theirs[:, 1]))}/{len(mine)}",
+                "", ""])
+            log("  " + " | ".join(map(str, reference_rows[-1])))
+    if reference_raw:
+        log("raw reference values (exact L1, |log Z err|, sampled L1, train s): "
+            + json.dumps(reference_raw))
     worker_proc.close()
     body = (
         results_heading("bench_gfn.py", command, versions(("equinox", "optax"),
@@ -468,19 +594,33 @@ def main(argv=None) -> int:
                               "torchgfn train s", "ppl_ext last L1", "torchgfn last L1"],
                              "lrrrrrr", converge_rows))
     if reference_rows:
+        pairing = ("paired seeds: ppl_ext starts from torchgfn's initial weights of the same "
+                   "seed, so the sides differ only in the sampled trajectories and rounding"
+                   if args.ref_same_init else
+                   "unpaired seeds: same settings, not the same initial weights")
         body += (
-            f"\n- torchgfn's reference test settings: TB, batch {args.ref_batch}, "
-            f"{args.ref_iterations} iterations, Adam 1e-3 (log Z 0.1), MLPs 2 x 256, learned "
-            f"backward policy, {args.ref_seeds} seeds per side (seeds differ between the "
-            "sides: same settings, not the same initial weights); median (worst) over seeds "
-            "of the exact L1 (Σ_x |P_T(x) − R(x)/Z|, DP; torchgfn's policy exported as a "
-            "table), |log Z − log Z*| and torchgfn's sampled L1 (mean over states of "
-            "|histogram − R/Z|, 200,000 terminal states drawn as one multinomial from the "
-            "exact P_T; the targets of torchgfn's test, as quoted in issue 12: 0.012 for "
-            "2-D and 0.25 for 4-D); 'ours no worse?': ppl_ext's median <= torchgfn's, and the seeds where "
-            "ppl_ext's value <= torchgfn's with the same seed index\n\n"
-            + markdown_table(["grid", "side", "exact L1", "log Z abs. error", "sampled L1",
-                              "train s"], "llllll", reference_rows) + "\n")
+            f"\n- torchgfn's reference test settings: batch {args.ref_batch}, "
+            f"{args.ref_iterations} iterations, Adam 1e-3 (log Z 0.1), MLPs 2 x 256 "
+            f"(separate P_F, P_B and, for DB and SubTB, log F), learned backward policy, "
+            f"on-policy, float32; seeds {args.ref_first_seed} to "
+            f"{args.ref_first_seed + args.ref_seeds - 1}; objectives {', '.join(ref_losses)} (SubTB: lambda 0.9, "
+            "geometric within; LPV: log-partition variance, no log Z learned; DB and "
+            "SubTB: ppl_ext's log F(s0) is the scalar log Z at lr 0.1, torchgfn's is its "
+            f"log F network at s0); {args.ref_seeds} seeds per side ({pairing}). "
+            "Exact L1: Σ_x |P_T(x) − R(x)/Z| by DP (torchgfn's policy exported as a table); "
+            "|log Z − log Z*|; sampled L1: torchgfn's older metric, the mean over states "
+            "of |histogram − R/Z| on 200,000 terminal states drawn as one multinomial from "
+            "the exact P_T (targets of torchgfn's test as quoted in issue 12: 0.012 for 2-D "
+            "and 0.25 for 4-D). Mean ± standard error and median (worst) over the seeds. "
+            "'ppl_ext − torchgfn': the difference of the means ± its SE ("
+            + ("SE of the per-seed paired differences" if args.ref_same_init else
+               "Welch: the seeds are unpaired, so the comparison is on the means")
+            + "); 'no worse' when it is <= 0, 'within 2 SE' when positive but at most 2 SE"
+            "; 'seeds no worse': seed indices where ppl_ext's value <= torchgfn's\n\n"
+            + markdown_table(["grid", "loss", "side", "exact L1 mean ± SE",
+                              "exact L1 median (worst)", "log Z abs. err. mean ± SE",
+                              "log Z abs. err. median (worst)", "sampled L1 median",
+                              "train s"], "lllllllrr", reference_rows) + "\n")
     log(body)
     return report(body, args.no_results)
 
