@@ -130,6 +130,74 @@ def test_backward_draws_have_the_exact_law():
     assert 0.0 < np.mean(acceptance_three < 1.0)  # some failed: the fallback ran
 
 
+def test_blocked_exact_draws_have_the_exact_law():
+    """The two-level inverse CDF (blocks of 8 columns) over 37 particles: 5 blocks, the
+    last padded, one block and a few particles (the last one too) of weight 0, which are
+    never drawn; exact draws, the exact fallback after one accept-reject round, and six
+    rounds (the later ones in iterations of up to three, the last one cut short)."""
+    rng = np.random.default_rng(7)
+    previous = jnp.asarray(rng.normal(0.0, 1.5, 37), jnp.float32)
+    weights = rng.uniform(0.2, 1.0, 37)
+    weights[[3, 16, 17, 18, 19, 20, 21, 22, 23, 30, 36]] = 0.0  # block 2 (16-23) is empty
+    log_weights = jnp.log(jnp.asarray(weights / weights.sum(), jnp.float32))
+    current = jnp.array([0.2, -1.5, 2.5])
+    t = jnp.asarray(1, jnp.int32)
+    configs = [None, 1, 6]
+
+    def counts(key):
+        out = []
+        for k, num_proposals in zip(jax.random.split(key, len(configs)), configs):
+            bound = None if num_proposals is None else log_bound(PARAMS, t, None)
+            indices, _ = backward_indices(k, LG1, PARAMS, previous, log_weights, current, t,
+                                          None, 4, bound, num_proposals or 1)
+            out.append(jax.nn.one_hot(indices, 37).mean(1))
+        return out
+
+    draws = many(counts, seed=11)
+    rho, sx = float(PARAMS["rho"]), float(PARAMS["sigma_x"])
+    log_f = -0.5 * ((np.asarray(current)[:, None] - rho * np.asarray(previous)[None]) / sx) ** 2
+    probs = weights[None] * np.exp(log_f)
+    probs /= probs.sum(1, keepdims=True)
+    for num_proposals, frequencies in zip(configs, draws):
+        frequencies = np.asarray(frequencies)
+        assert np.all(frequencies[:, :, weights == 0] == 0)
+        assert_unbiased(frequencies[:, :, weights > 0], probs[:, weights > 0],
+                        what=f"blocked backward draws ({num_proposals} rounds)")
+
+
+def test_backward_draws_with_many_particles_have_the_exact_law():
+    """The large-N paths: 3,000 previous particles (the proposals' index search, above
+    `_COUNT_MAX`) and 2 × 2,048 draws a call (the pending draws' small second buffer,
+    from `_SMALL_BUFFER_MIN_DRAWS`). The per-particle means of `x_{t-1}^J` and its square
+    over the draws, for accept-reject with 6 rounds, against the exact backward kernel."""
+    from ppl_ext.smc import _backward
+
+    num_prev, num_samples = 3000, 2048
+    assert num_prev > _backward._COUNT_MAX
+    assert 2 * num_samples >= _backward._SMALL_BUFFER_MIN_DRAWS
+    rng = np.random.default_rng(3)
+    previous = rng.normal(0.0, 1.5, num_prev)
+    weights = rng.uniform(0.1, 1.0, num_prev)
+    log_weights = jnp.log(jnp.asarray(weights / weights.sum(), jnp.float32))
+    current = jnp.array([0.2, -1.5])
+    t = jnp.asarray(1, jnp.int32)
+    previous_jnp = jnp.asarray(previous, jnp.float32)
+
+    def moments(key):
+        indices, _ = backward_indices(key, LG1, PARAMS, previous_jnp, log_weights, current, t,
+                                      None, num_samples, log_bound(PARAMS, t, None), 6)
+        x = previous_jnp[indices]  # (2, num_samples)
+        return jnp.stack([x.mean(1), (x**2).mean(1)], axis=1)  # (2, 2)
+
+    draws = many(moments, num=400, seed=5)
+    rho, sx = float(PARAMS["rho"]), float(PARAMS["sigma_x"])
+    log_f = -0.5 * ((np.asarray(current)[:, None] - rho * previous[None]) / sx) ** 2
+    probs = weights[None] * np.exp(log_f)
+    probs /= probs.sum(1, keepdims=True)
+    exact = np.stack([probs @ previous, probs @ previous**2], axis=1)
+    assert_unbiased(draws, exact, what="backward draws, N = 3000, 2 x 2048 draws")
+
+
 def test_paris_bad_inputs():
     with pytest.raises(ValueError, match="at least 1"):
         smc.Paris(smc.BootstrapFilter(LG1, 8), additive, num_backward_samples=0)
