@@ -32,6 +32,15 @@ sets, the evaluation draws are on-policy). One difference in the environment: ou
 an explicit exit action (its probability is 1 at a full set, so the terminal flow is
 `R(x)` as theirs).
 
+Terminal flows: a full set's flow is pinned to `R(x)` in DB and FL-DB (`F̃(x) = 1`), as
+the FL reparameterisation requires and as the authors' DB does (it replaces the last
+flow by the reward). The authors' FL-DB code (`learn_from_fl`) instead keeps the
+network's `F̃(x)` at full sets free, so its fixed points sample `F̃(x) R(x)` for any
+`F̃`, not `R`; that variant is not run here. Their reward has no temperature (`R(x) =
+exp(−E(x))`), as here, and their metric is the mean of the 100 largest rewards among
+the distinct evaluation sets so far, unnormalised; it is reported here as a fraction
+of its exact optimum.
+
 There is no peer library here (the authors' code is a PyTorch script, not a package):
 the comparison is between the objectives, all on `px.gfn`. Seeds and sizes interleaved:
 for each seed, each size, each method in turn. Timing: training wall time per run
@@ -170,7 +179,8 @@ def main(argv=None) -> int:
                 "TB": gfn.trajectory_balance}[method]
         loss = make(policy, num_samples=BATCH, exploration=exploration)
         backend = optimizer(params)
-        drawn, curve = [], {}
+        drawn, curve, errors = [], {}, {}
+        log_z_exact = float(env.log_partition())
         eval_key = jax.random.key(10_000 + seed)
         num_eval = BATCH * args.eval_every
 
@@ -180,15 +190,18 @@ def main(argv=None) -> int:
             drawn.append(np.asarray(batch.terminal_state, np.int8))
             if step in checkpoints:
                 curve[step] = top_k_unique(np.concatenate(drawn), energies)
+                log_z = float(backend.params(state)["log_z"])
+                errors[step] = abs(log_z - log_z_exact)
                 log(f"    {size} {method} seed {seed} step {step}: top-{NUM_TOP} "
-                    f"{curve[step]:.6g}; load {load_average()}")
+                    f"{curve[step]:.6g}, |log Z err| {errors[step]:.4g}; load "
+                    f"{load_average()}")
 
         start = time.perf_counter()
         result = px.fit(loss, params, backend, steps, jax.random.key(seed), maximize=False,
                         progress=False, chunk_size=args.eval_every, callbacks=callback)
         total = time.perf_counter() - start
-        log_z_error = abs(float(result.params["log_z"]) - float(env.log_partition()))
-        return {"curve": curve, "log_z_error": log_z_error,
+        log_z_error = abs(float(result.params["log_z"]) - log_z_exact)
+        return {"curve": curve, "log_z_error": log_z_error, "errors": errors,
                 "train_s": float(result.history.wall_time[-1]),
                 "compile_s": float(result.history.compile_time), "total_s": total,
                 "num_distinct": len(np.unique(np.concatenate(drawn), axis=0))}
@@ -205,19 +218,22 @@ def main(argv=None) -> int:
         import re
 
         pattern = re.compile(r"^\s+(\w+) ([\w-]+) seed (\d+): top-100 (.*?); \|log Z err\| "
-                             r"([\d.]+); train ([\d.]+) s \(\+([\d.]+) s compile, ([\d.]+) s.*load ([\d.]+)")
+                             r"([\d.]+) \(at checkpoints (.*?)\); train ([\d.]+) s "
+                             r"\(\+([\d.]+) s compile, ([\d.]+) s.*load ([\d.]+)")
         for line in Path(args.reuse_log).read_text().splitlines():
             match = pattern.match(line)
             if match:
-                size, method, seed, curve, error, train, compile_s, total, load = \
+                size, method, seed, curve, error, errors, train, compile_s, total, load = \
                     match.groups()
                 curve = {int(c): float(v) for c, v in
                          (item.split(":") for item in curve.split())}
+                errors = {int(c): float(v) for c, v in
+                          (item.split(":") for item in errors.split())}
                 if sorted(curve) == sorted(checkpoints):
                     reused[size, method, int(seed)] = {
-                        "curve": curve, "log_z_error": float(error), "train_s": float(train),
-                        "compile_s": float(compile_s), "total_s": float(total),
-                        "load": load}
+                        "curve": curve, "log_z_error": float(error), "errors": errors,
+                        "train_s": float(train), "compile_s": float(compile_s),
+                        "total_s": float(total), "load": load}
         log(f"reusing {len(reused)} finished runs from {args.reuse_log}")
     results = {(s, m): [] for s in sizes for m in methods}
     for seed in range(seeds):  # interleaved
@@ -230,11 +246,13 @@ def main(argv=None) -> int:
                 results[size, method].append(out)
                 log(f"  {size} {method} seed {seed}: top-{NUM_TOP} "
                     + " ".join(f"{c}:{out['curve'][c]:.5g}" for c in checkpoints)
-                    + f"; |log Z err| {out['log_z_error']:.3f}; train {out['train_s']:.1f} s "
+                    + f"; |log Z err| {out['log_z_error']:.3f} (at checkpoints "
+                    + " ".join(f"{c}:{out['errors'][c]:.4g}" for c in checkpoints)
+                    + f"); train {out['train_s']:.1f} s "
                     f"(+{out['compile_s']:.1f} s compile, {out['total_s']:.1f} s with "
                     f"evaluation draws); load {load_average()}")
 
-    curve_rows, summary_rows = [], []
+    curve_rows, summary_rows, error_rows = [], [], []
     for size in sizes:
         env = gfn.SetGeneration.fl_paper(size)
         energies = np.asarray(env.energies, np.float64)
@@ -251,14 +269,20 @@ def main(argv=None) -> int:
             curve_rows.append([size, method] + [
                 f"{statistics.median(r['curve'][c] for r in runs) / optimum[size]:.4f}"
                 for c in checkpoints])
+            error_rows.append([size, method] + [
+                f"{statistics.median(r['errors'][c] for r in runs):.3f}" for c in checkpoints])
         medians = {m: [statistics.median(r["curve"][c] for r in results[size, m])
                        for c in checkpoints] for m in methods}
         for method in methods:
             runs = results[size, method]
             final = [r["curve"][checkpoints[-1]] for r in runs]
+            seeds_all = {m: sum(all(a["curve"][c] > b["curve"][c] for c in checkpoints)
+                                for a, b in zip(results[size, "FL-DB"], results[size, m]))
+                         for m in methods if m != "FL-DB"} if "FL-DB" in methods else {}
             beats = ("n/a" if method != "FL-DB" else " and ".join(
                 f"{m}: {sum(a > b for a, b in zip(medians['FL-DB'], medians[m]))}/"
-                f"{len(checkpoints)}" for m in methods if m != "FL-DB"))
+                f"{len(checkpoints)} (all, in {seeds_all[m]}/{len(runs)} seeds)"
+                for m in methods if m != "FL-DB"))
             summary_rows.append([
                 size, method, f"{optimum[size]:.6g}", f"{statistics.median(final):.6g}",
                 f"{100 * (1 - statistics.median(final) / optimum[size]):.3f}%",
@@ -288,10 +312,15 @@ def main(argv=None) -> int:
         "exactly from R/Z (DP over the elements), one draw per seed\n\n"
         + markdown_table(["size", "method", *map(str, checkpoints)],
                          "ll" + "r" * len(checkpoints), curve_rows) + "\n\n"
+        "- |log Z − log Z*| at the checkpoints (learned log Z: TB's `log_z`, DB's and "
+        "FL-DB's `log F(s0)`; exact log Z* by DP), median over seeds\n\n"
+        + markdown_table(["size", "method", *map(str, checkpoints)],
+                         "ll" + "r" * len(checkpoints), error_rows) + "\n\n"
         "- summary: exact optimum; final top-100 mean reward (median over seeds); its gap "
         "to the optimum, median and worst seed; |log Z − log Z*| at the end (exact log Z* "
         "by DP), median and worst; checkpoints where FL-DB's median beats each other "
-        "method's; training seconds per run (px.fit wall time without compilation, "
+        "method's (and the seeds where FL-DB's own run beats that seed's run at every "
+        "checkpoint); training seconds per run (px.fit wall time without compilation, "
         "evaluation draws excluded) and compile seconds, medians\n\n"
         + markdown_table(["size", "method", "optimum", "final top-100", "gap (median)",
                           "gap (worst)", "log Z abs. error (median)", "log Z abs. error (worst)",

@@ -5,7 +5,9 @@ Flow-based objectives share one convention: along a trajectory that takes `L` ac
 (the exit included), the flows are `log F(s0) = params["log_z"]`, the learned
 `log F(s_t)` for `0 < t < L` (forward-looking: `log F̃(s_t) − E(s_t)/T`) and, after the
 exit, the sink's `log R(x)/T`; every residual is written with these, so each objective is
-exactly zero at the balanced flows under any sampling (on- or off-policy, replayed).
+exactly zero at the balanced flows under any sampling (on- or off-policy, replayed). A
+state whose only valid action is the exit has its flow pinned to `log R(x)/T` (all of
+its flow goes to the sink), not learned.
 
 A batch of trajectories is a `lax.scan` of `env.max_length` steps, vmapped over the
 batch; a trajectory that has exited stays where it is and its later steps are masked out.
@@ -382,19 +384,30 @@ def _state_flows(policy, params, batch, log_reward, energy):
     exit included) the learned `log F(s_t)` (minus `E(s_t)` when `energy` is given: the
     forward-looking parametrisation); positions `L ..` the sink after the exit, whose
     flow is the (tempered) reward, `log R(x)`.
+
+    A state whose only valid forward action is the exit (a full set, a finished bit
+    sequence, the far corner of a hypergrid) sends all its flow to the sink, so its flow
+    is exactly `R(x)` at balance: it is pinned to `log R(x)` (forward-looking:
+    `F̃(x) = 1`, with `E(x) = −log R(x)`) instead of learned, as in the FL paper's
+    reparameterisation and its authors' DB code (`set/gflownet.py`, which replaces the
+    last flow by the reward). The exit residual there is then `log P_F(exit | x) = 0`.
     """
+    env = policy.env
     num, positions = batch.states.shape[:2]
     steps = jnp.arange(positions)
     length = jnp.sum(batch.active, axis=-1, keepdims=True)
-    # the learned flows are read at positions 1 .. L - 1 only: evaluated there only
     states = batch.states.reshape((num * positions, *batch.states.shape[2:]))
-    inner = ((steps >= 1) & (steps < length)).reshape(-1)
+    exit_mask = (jnp.arange(env.num_actions) == env.exit_action)
+    exit_only = jax.vmap(lambda s: jnp.all(env.forward_mask(s) == exit_mask))(states)
+    # the learned flows are read at positions 1 .. L - 1 only, and not at exit-only states
+    inner = ((steps >= 1) & (steps < length)).reshape(-1) & ~exit_only
     learned = _on_rows(lambda s: policy.log_flow(params, s), states, inner, 0, 4)
     if energy is not None:
         learned = learned - jax.vmap(energy)(states)
     learned = learned.reshape(num, positions)
     flows = jnp.where(steps == 0, params["log_z"], learned)
-    return jnp.where(steps >= length, log_reward[:, None], flows)
+    pinned = (steps >= length) | ((steps >= 1) & exit_only.reshape(num, positions))
+    return jnp.where(pinned, log_reward[:, None], flows)
 
 
 def _weighted_mean(values, weights):
@@ -509,7 +522,9 @@ def detailed_balance(policy: AbstractPolicy, num_samples: int = 128,
     For every transition `s → s'` of sampled trajectories,
     `(log F(s) + log P_F(s'|s) − log F(s') − log P_B(s|s'))²`, and for the exit from a
     terminal `x`, `(log F(x) + log P_F(exit|x) − log R(x))²` (torchgfn's convention,
-    where every state may be terminal); averaged over all transitions of the batch.
+    where every state may be terminal); averaged over all transitions of the batch. At a
+    state whose only valid action is the exit, `log F(x)` is `log R(x)` itself (pinned, as
+    in the FL paper authors' DB code), not the learned head.
     `log F(s0)` is `params["log_z"]`, other flows are the `params["log_flow"]` head
     (`policy.init(key, log_flow=True)`). Trajectories are held fixed, as in
     `trajectory_balance`; the loss is valid off-policy.
@@ -554,7 +569,11 @@ def forward_looking_detailed_balance(policy: AbstractPolicy, num_samples: int = 
 
     so each transition receives the energy difference as local credit; the exit from `x`
     is `(log F̃(x) + log P_F(exit|x))²` (the sink's flow is `R(x)`, i.e. `F̃(sink) = 1`),
-    and `log F(s0) = params["log_z"]` as in `detailed_balance`. Off-policy valid.
+    and `log F(s0) = params["log_z"]` as in `detailed_balance`. Where the exit is the only
+    valid action (a full set), `F̃(x) = 1` is pinned rather than learned: the terminal
+    flow is the reward, as the FL reparameterisation requires. (The authors' set code
+    leaves the network's `F̃(x)` free there, which lets the terminal law drift from
+    `R`: with `F̃(x)` free, any `F̃(x) R(x)` balances.) Off-policy valid.
 
     Args:
         policy: an `AbstractPolicy` with a state-flow head, on an environment that

@@ -437,3 +437,42 @@ def test_mlp_forward_logits_are_the_policys_log_edge_flows():
         np.testing.assert_allclose(
             jnp.where(mask, jax.nn.log_softmax(jnp.where(mask, logits, -1e30)), 0.0),
             jnp.where(mask, policy.forward_log_probs(params, state), 0.0), atol=1e-6)
+
+
+def test_exit_only_states_have_their_flow_pinned_to_the_reward():
+    # a full set's only action is the exit, so F(x) = R(x) exactly: DB and FL-DB (and the
+    # SubTB pair, through the same flows) read log R(x) there (forward-looking: F̃(x) = 1),
+    # never the learned head, whose gradient is therefore zero at full sets and not at the
+    # partial sets visited.
+    # By hand on one deterministic trajectory {} -> {0} -> {0, 1} -> exit (uniform P_B).
+    env = gfn.SetGeneration((0.3, -0.2, 0.5), set_size=2)
+    policy = gfn.TabularPolicy(env)
+    states = env.all_states()
+    index = {tuple(np.asarray(s).tolist()): int(env.state_index(s)) for s in states}
+    forward = np.full((len(states), env.num_actions), -60.0)
+    forward[index[0, 0, 0], 0] = forward[index[1, 0, 0], 1] = forward[index[1, 1, 0], 3] = 0.0
+    log_flow = np.asarray(jax.random.normal(jax.random.key(7), (len(states),)), np.float64)
+    params = {"forward": jnp.asarray(forward, jnp.float32),
+              "log_flow": jnp.asarray(log_flow, jnp.float32), "log_z": jnp.asarray(0.4)}
+    log_r = -(0.3 - 0.2)  # log R({0, 1}) = −(e_0 + e_1)
+    key = jax.random.key(1)
+    # DB: flows (log Z, F({0}), R({0,1}), R), log P_B: 0, -log 2, exit 0
+    residuals = [0.4 - log_flow[index[1, 0, 0]], log_flow[index[1, 0, 0]] - log_r + np.log(2),
+                 0.0]
+    np.testing.assert_allclose(float(gfn.detailed_balance(policy, 4)(key, params)),
+                               np.mean(np.square(residuals)), rtol=1e-5)
+    # FL-DB: log F({0}) = log F̃({0}) − E({0}), E({0}) = 0.3
+    fl = [0.4 - (log_flow[index[1, 0, 0]] - 0.3),
+          log_flow[index[1, 0, 0]] - 0.3 - log_r + np.log(2), 0.0]
+    np.testing.assert_allclose(
+        float(gfn.forward_looking_detailed_balance(policy, 4)(key, params)),
+        np.mean(np.square(fl)), rtol=1e-5)
+    # FL-SubTB, random policy, off-policy: no gradient into the flows of full sets
+    params = policy.init(jax.random.key(0), log_flow=True)
+    params = jax.tree.map(
+        lambda p: p + 0.5 * jax.random.normal(jax.random.key(3), p.shape), params)
+    sizes = np.asarray(states).sum(1)
+    loss = gfn.forward_looking_subtrajectory_balance(policy, 4, exploration=0.5)
+    grad = np.asarray(jax.jit(jax.grad(lambda p: loss(key, p)))(params)["log_flow"])
+    assert np.all(grad[sizes == 2] == 0.0)  # (every trajectory ends at a full set)
+    assert np.any(grad[(sizes > 0) & (sizes < 2)] != 0.0)
