@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 
-from _common import pin_threads_unless_default  # noqa: E402 (stdlib only)
+from _common import PeerWorker, pin_threads_unless_default  # noqa: E402 (stdlib only)
 
 pin_threads_unless_default(sys.argv)  # before jax and numpy are imported
 
@@ -101,24 +99,14 @@ def worker() -> int:
     return 0
 
 
-class Worker:
+class Worker(PeerWorker):
+    """The particles worker: this script with `--worker` under `python`."""
+
     def __init__(self, python: Path):
-        env = dict(os.environ)
-        env.pop("XLA_FLAGS", None)
-        self.proc = subprocess.Popen([str(python), __file__, "--worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+        super().__init__(python, __file__, ["--worker"], name="particles")
 
     def run(self, task: dict) -> dict:
-        self.proc.stdin.write(json.dumps(task) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the particles worker exited (code {self.proc.poll()})")
-        return json.loads(line)
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        return self.ask(task)
 
 
 # ------------------------------------------------------------------------ the main side
