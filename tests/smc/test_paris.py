@@ -95,6 +95,32 @@ def test_paris_memory_does_not_grow_with_the_series():
     assert long < short + 2000 * 64  # per-step outputs only, not 2000 × 256 particles
 
 
+def _draw_frequencies(previous, log_weights, current, configs, seed):
+    """Per `num_proposals` in `configs` (None: exact draws), over `NUM_ESTIMATES` keys: the
+    frequencies of the 4 backward indices drawn per current particle, and the acceptance."""
+    t = jnp.asarray(1, jnp.int32)
+
+    def counts(key):
+        out = []
+        for k, num_proposals in zip(jax.random.split(key, len(configs)), configs):
+            bound = None if num_proposals is None else log_bound(PARAMS, t, None)
+            indices, acceptance = backward_indices(k, LG1, PARAMS, previous, log_weights,
+                                                   current, t, None, 4, bound,
+                                                   num_proposals or 1)
+            out.append((jax.nn.one_hot(indices, previous.shape[0]).mean(1), acceptance))
+        return out
+
+    return many(counts, seed=seed)
+
+
+def _backward_kernel(previous, weights, current):
+    """The exact law of J given x_t: `W^j f(x_t | x^j) / Σ`, (current, previous), NumPy."""
+    rho, sx = float(PARAMS["rho"]), float(PARAMS["sigma_x"])
+    log_f = -0.5 * ((np.asarray(current)[:, None] - rho * np.asarray(previous)[None]) / sx) ** 2
+    probs = np.asarray(weights)[None] * np.exp(log_f)
+    return probs / probs.sum(1, keepdims=True)
+
+
 def test_backward_draws_have_the_exact_law():
     """P(J = j | x_t^i) = W_{t-1}^j f(x_t^i | x_{t-1}^j) / Σ, for every i and j.
 
@@ -105,24 +131,9 @@ def test_backward_draws_have_the_exact_law():
     previous = jnp.array([-1.0, -0.3, 0.0, 0.4, 1.1, 2.0])
     log_weights = jnp.log(jnp.array([0.1, 0.25, 0.05, 0.2, 0.3, 0.1]))
     current = jnp.array([0.2, -1.5, 1.8])
-    t = jnp.asarray(1, jnp.int32)
     configs = [None, 1, 3]
-
-    def counts(key):
-        out = []
-        for k, num_proposals in zip(jax.random.split(key, len(configs)), configs):
-            bound = None if num_proposals is None else log_bound(PARAMS, t, None)
-            indices, acceptance = backward_indices(k, LG1, PARAMS, previous, log_weights,
-                                                   current, t, None, 4, bound,
-                                                   num_proposals or 1)
-            out.append((jax.nn.one_hot(indices, 6).mean(1), acceptance))
-        return out  # (3, 6) frequencies per particle
-
-    draws = many(counts, seed=42)
-    rho, sx = float(PARAMS["rho"]), float(PARAMS["sigma_x"])
-    log_f = -0.5 * ((np.asarray(current)[:, None] - rho * np.asarray(previous)[None]) / sx) ** 2
-    probs = np.exp(np.asarray(log_weights)[None] + log_f)
-    probs /= probs.sum(1, keepdims=True)
+    draws = _draw_frequencies(previous, log_weights, current, configs, seed=42)
+    probs = _backward_kernel(previous, np.exp(np.asarray(log_weights)), current)
     for num_proposals, (frequencies, acceptance) in zip(configs, draws):
         assert_unbiased(frequencies, probs, what=f"backward draws ({num_proposals} rounds)")
     acceptance_one, acceptance_three = np.asarray(draws[1][1]), np.asarray(draws[2][1])
@@ -141,24 +152,10 @@ def test_blocked_exact_draws_have_the_exact_law():
     weights[[3, 16, 17, 18, 19, 20, 21, 22, 23, 30, 36]] = 0.0  # block 2 (16-23) is empty
     log_weights = jnp.log(jnp.asarray(weights / weights.sum(), jnp.float32))
     current = jnp.array([0.2, -1.5, 2.5])
-    t = jnp.asarray(1, jnp.int32)
     configs = [None, 1, 6]
-
-    def counts(key):
-        out = []
-        for k, num_proposals in zip(jax.random.split(key, len(configs)), configs):
-            bound = None if num_proposals is None else log_bound(PARAMS, t, None)
-            indices, _ = backward_indices(k, LG1, PARAMS, previous, log_weights, current, t,
-                                          None, 4, bound, num_proposals or 1)
-            out.append(jax.nn.one_hot(indices, 37).mean(1))
-        return out
-
-    draws = many(counts, seed=11)
-    rho, sx = float(PARAMS["rho"]), float(PARAMS["sigma_x"])
-    log_f = -0.5 * ((np.asarray(current)[:, None] - rho * np.asarray(previous)[None]) / sx) ** 2
-    probs = weights[None] * np.exp(log_f)
-    probs /= probs.sum(1, keepdims=True)
-    for num_proposals, frequencies in zip(configs, draws):
+    draws = _draw_frequencies(previous, log_weights, current, configs, seed=11)
+    probs = _backward_kernel(previous, weights, current)
+    for num_proposals, (frequencies, _) in zip(configs, draws):
         frequencies = np.asarray(frequencies)
         assert np.all(frequencies[:, :, weights == 0] == 0)
         assert_unbiased(frequencies[:, :, weights > 0], probs[:, weights > 0],
@@ -190,10 +187,7 @@ def test_backward_draws_with_many_particles_have_the_exact_law():
         return jnp.stack([x.mean(1), (x**2).mean(1)], axis=1)  # (2, 2)
 
     draws = many(moments, num=400, seed=5)
-    rho, sx = float(PARAMS["rho"]), float(PARAMS["sigma_x"])
-    log_f = -0.5 * ((np.asarray(current)[:, None] - rho * previous[None]) / sx) ** 2
-    probs = weights[None] * np.exp(log_f)
-    probs /= probs.sum(1, keepdims=True)
+    probs = _backward_kernel(previous, weights, current)
     exact = np.stack([probs @ previous, probs @ previous**2], axis=1)
     assert_unbiased(draws, exact, what="backward draws, N = 3000, 2 x 2048 draws")
 
