@@ -54,8 +54,9 @@ def backward_indices(key: Array, model: StateSpaceModel, params: Any, particles_
     Exact draws cost O(N) each; with `log_transition_bound` (a scalar `log f̄ >= log f`),
     each draw first tries up to `num_proposals` rounds of accept-reject from `W_{t-1}`
     (round 1 for all draws at once, the later ones only for the draws still pending,
-    compacted, at most `max(8, N·num_samples/4)` per iteration, up to 3 rounds each per
-    iteration, the first accepted proposal kept) and only the draws
+    compacted, at most `max(8, N·num_samples/4)` per iteration (from 4,096 draws a step
+    on, the last `max(8, N·num_samples/64)` pending ones in a buffer of that size), up to
+    3 rounds each per iteration, the first accepted proposal kept) and only the draws
     still missing use the exact kernel, in chunks of at most `max(8, N·num_samples/32)`
     draws (fewer for large `N`, so that a chunk holds at most `2^20` transition
     densities): the fallback costs O(N) per missing draw and O(chunk·N) memory, never
