@@ -243,6 +243,9 @@ def main(argv=None) -> int:
                    help="comma-separated objectives of the reference task, both sides: TB, "
                         "DB, SubTB (lambda 0.9, geometric within), LPV (log-partition "
                         "variance)")
+    p.add_argument("--ref-initial-flow", choices=("head", "log_z"), default="head",
+                   help="where ppl_ext's DB/SubTB read log F(s0): the flow head (default, "
+                        "torchgfn's parametrisation) or params['log_z'] (Adam 0.1)")
     p.add_argument("--ref-same-init", action="store_true",
                    help="paired seeds: ppl_ext starts from torchgfn's initial weights of "
                         "the same seed (then the sides differ only in the sampled "
@@ -341,14 +344,15 @@ def main(argv=None) -> int:
         return (done if final < args.threshold else None), float(
             result.history.wall_time[-1]), final
 
-    def judge(policy, params, seed):
+    def judge(policy, params, seed, log_z=None):
         """Exact L1 (sum), |log Z error|, and torchgfn's sampled L1 (the mean over states
         of |histogram − R/Z| on 200,000 terminal states: drawn here as one multinomial
         from the exact terminal distribution, the same law as 200,000 sampled
         trajectories, for both sides alike)."""
         model = np.asarray(gfn.terminal_distribution(policy, params), np.float64)
         target = np.asarray(gfn.reward_distribution(policy.env), np.float64)
-        log_z_error = abs(float(params["log_z"]) - float(gfn.log_partition(policy.env)))
+        log_z = params["log_z"] if log_z is None else log_z
+        log_z_error = abs(float(log_z) - float(gfn.log_partition(policy.env)))
         rng = np.random.default_rng(seed)
         histogram = rng.multinomial(200_000, model / model.sum()) / 200_000
         return (float(np.abs(model - target).sum()), log_z_error,
@@ -356,9 +360,13 @@ def main(argv=None) -> int:
 
     objectives = {
         "TB": gfn.trajectory_balance,
-        "DB": gfn.detailed_balance,
+        # DB and SubTB read log F(s0) from the flow head, as torchgfn's DBGFlowNet and
+        # SubTBGFlowNet do (their log Z is the flow network's output at s0)
+        "DB": lambda policy, num_samples: gfn.detailed_balance(
+            policy, num_samples=num_samples, initial_flow=args.ref_initial_flow),
         "SubTB": lambda policy, num_samples: gfn.subtrajectory_balance(
-            policy, num_samples=num_samples, lamda=0.9, weighting="geometric_within"),
+            policy, num_samples=num_samples, lamda=0.9, weighting="geometric_within",
+            initial_flow=args.ref_initial_flow),
         "LPV": gfn.log_partition_variance,
     }
     ref_losses = args.ref_losses.split(",")
@@ -381,11 +389,15 @@ def main(argv=None) -> int:
         params = policy.init(jax.random.key(seed), log_flow=loss_name in ("DB", "SubTB"))
         if weights is not None:
             params = load_weights(params, weights)
+        head = loss_name in ("DB", "SubTB") and args.ref_initial_flow == "head"
+        if head:  # log F(s0) is the flow head's: no separate log Z to train
+            params = {name: value for name, value in params.items() if name != "log_z"}
         loss = objectives[loss_name](policy, num_samples=args.ref_batch)
         result = px.fit(loss, params, adam(params), args.ref_iterations,
                         jax.random.key(seed + 1), maximize=False, progress=False,
                         chunk_size=args.ref_iterations)
-        l1, log_z_error, sampled = judge(policy, result.params, seed)
+        log_z = policy.log_flow(result.params, env.initial_state()) if head else None
+        l1, log_z_error, sampled = judge(policy, result.params, seed, log_z)
         if loss_name == "LPV":  # no log Z is learned
             log_z_error = float("nan")
         return l1, log_z_error, sampled, float(result.history.wall_time[-1])
@@ -604,8 +616,10 @@ def main(argv=None) -> int:
             f"on-policy, float32; seeds {args.ref_first_seed} to "
             f"{args.ref_first_seed + args.ref_seeds - 1}; objectives {', '.join(ref_losses)} (SubTB: lambda 0.9, "
             "geometric within; LPV: log-partition variance, no log Z learned; DB and "
-            "SubTB: ppl_ext's log F(s0) is the scalar log Z at lr 0.1, torchgfn's is its "
-            f"log F network at s0); {args.ref_seeds} seeds per side ({pairing}). "
+            "SubTB: torchgfn's log F(s0) is its log F network at s0, ppl_ext's "
+            + ("the same (initial_flow='head')" if args.ref_initial_flow == "head"
+               else "the scalar log Z at lr 0.1 (initial_flow='log_z')")
+            + f"); {args.ref_seeds} seeds per side ({pairing}). "
             "Exact L1: Σ_x |P_T(x) − R(x)/Z| by DP (torchgfn's policy exported as a table); "
             "|log Z − log Z*|; sampled L1: torchgfn's older metric, the mean over states "
             "of |histogram − R/Z| on 200,000 terminal states drawn as one multinomial from "

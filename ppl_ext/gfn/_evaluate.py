@@ -9,7 +9,7 @@ point exactly (every path is shorter), and the terminal distribution is
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -145,9 +145,13 @@ class EvaluationInfo(NamedTuple):
     jensen_shannon: jax.Array
 
 
-def evaluate(policy: AbstractPolicy, params: dict) -> EvaluationInfo:
+def evaluate(policy: AbstractPolicy, params: dict, log_z: Any = None) -> EvaluationInfo:
     """Exact L1 / total-variation distance, KLs and Jensen-Shannon to `R / Z`, and log Z
     error (no sampling).
+
+    `log_z` is the estimate of log Z judged by `log_z_error`: `params["log_z"]` by default;
+    for flow objectives with `initial_flow="head"`, pass the flow head at the initial
+    state, `policy.log_flow(params, policy.env.initial_state())`.
 
     Needs an enumerable environment (`env.all_states()`); on one that is too large
     (e.g. `SetGeneration.fl_paper(...)`) the environment raises a ValueError, and the
@@ -169,7 +173,8 @@ def evaluate(policy: AbstractPolicy, params: dict) -> EvaluationInfo:
     model = terminal_distribution(policy, params)
     target = reward_distribution(policy.env)
     l1 = jnp.sum(jnp.abs(model - target))
-    error = jnp.abs(params["log_z"] - log_partition(policy.env))
+    error = jnp.abs((params["log_z"] if log_z is None else jnp.asarray(log_z))
+                    - log_partition(policy.env))
     num_terminal = jnp.sum(jnp.isfinite(_terminal_log_rewards(policy.env)))
     return EvaluationInfo(l1, l1 / 2, error, l1 / num_terminal,
                           _kl(target, model), _kl(model, target), _js(model, target))

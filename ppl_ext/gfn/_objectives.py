@@ -321,6 +321,17 @@ def _check_options(who, temperature, num_replay_samples):
     return float(temperature), int(num_replay_samples)
 
 
+#: Where the flow objectives read `log F(s0)`.
+INITIAL_FLOWS = ("log_z", "head")
+
+
+def _check_initial_flow(who, initial_flow):
+    if not isinstance(initial_flow, str) or initial_flow not in INITIAL_FLOWS:
+        raise ValueError(f"{who}: initial_flow must be one of 'log_z', 'head', got "
+                         f"{initial_flow!r}.")
+    return initial_flow
+
+
 def _check_energy(env, who):
     """Refuse, by name, an environment without an intermediate energy `log_energy`."""
     try:
@@ -377,10 +388,11 @@ def _draw(policy, params, num_samples, exploration, num_replay_samples, buffer, 
     return batch, valid
 
 
-def _state_flows(policy, params, batch, log_reward, energy):
+def _state_flows(policy, params, batch, log_reward, energy, initial_flow="log_z"):
     """`(batch, max_length + 1)` log flows along each trajectory, the sink included.
 
-    Position 0 is `log F(s0) = params["log_z"]`; positions `1 .. L - 1` (L: the steps taken,
+    Position 0 is `log F(s0) = params["log_z"]` (`initial_flow="log_z"`) or the learned
+    head at `s0` (`initial_flow="head"`, torchgfn's parametrisation); positions `1 .. L - 1` (L: the steps taken,
     exit included) the learned `log F(s_t)` (minus `E(s_t)` when `energy` is given: the
     forward-looking parametrisation); positions `L ..` the sink after the exit, whose
     flow is the (tempered) reward, `log R(x)`.
@@ -400,12 +412,14 @@ def _state_flows(policy, params, batch, log_reward, energy):
     exit_mask = (jnp.arange(env.num_actions) == env.exit_action)
     exit_only = jax.vmap(lambda s: jnp.all(env.forward_mask(s) == exit_mask))(states)
     # the learned flows are read at positions 1 .. L - 1 only, and not at exit-only states
-    inner = ((steps >= 1) & (steps < length)).reshape(-1) & ~exit_only
+    first = 0 if initial_flow == "head" else 1
+    inner = ((steps >= first) & (steps < length)).reshape(-1) & ~exit_only
     learned = _on_rows(lambda s: policy.log_flow(params, s), states, inner, 0, 4)
     if energy is not None:
         learned = learned - jax.vmap(energy)(states)
     learned = learned.reshape(num, positions)
-    flows = jnp.where(steps == 0, params["log_z"], learned)
+    flows = learned if initial_flow == "head" else jnp.where(steps == 0, params["log_z"],
+                                                             learned)
     pinned = (steps >= length) | ((steps >= 1) & exit_only.reshape(num, positions))
     return jnp.where(pinned, log_reward[:, None], flows)
 
@@ -439,9 +453,19 @@ _SUBTB_DOC = """
             present)."""
 
 
+_FLOWS_DOC = """
+        initial_flow: where `log F(s0)` comes from: `"log_z"` (default), the scalar
+            `params["log_z"]` (its own learning rate, as for trajectory balance), or
+            `"head"`, the state-flow head at `s0`, as torchgfn's `DBGFlowNet` and
+            `SubTBGFlowNet` have it (then `params["log_z"]` is unused and the estimate of
+            log Z is `policy.log_flow(params, env.initial_state())`, to pass to
+            `evaluate(..., log_z=...)`)."""
+
+
 def _documented(fn):
     """Fill the shared argument descriptions into a docstring's placeholders."""
-    fn.__doc__ = fn.__doc__.replace("{options}", _OPTIONS_DOC).replace("{subtb}", _SUBTB_DOC)
+    fn.__doc__ = (fn.__doc__.replace("{options}", _OPTIONS_DOC).replace("{subtb}", _SUBTB_DOC)
+                  .replace("{flows}", _FLOWS_DOC))
     return fn
 
 
@@ -502,10 +526,12 @@ def trajectory_balance(policy: AbstractPolicy, num_samples: int = 128,
     return expectation(trajectory_balance_loss)
 
 
-def _detailed(policy, who, num_samples, exploration, temperature, num_replay, energy):
+def _detailed(policy, who, num_samples, exploration, temperature, num_replay, energy,
+              initial_flow):
     def loss(params, buffer=None):
         batch, valid = _draw(policy, params, num_samples, exploration, num_replay, buffer, who)
-        flows = _state_flows(policy, params, batch, batch.log_reward / temperature, energy)
+        flows = _state_flows(policy, params, batch, batch.log_reward / temperature, energy,
+                             initial_flow)
         residual = flows[:, :-1] + batch.log_pf - flows[:, 1:] - batch.log_pb
         weights = valid[:, None] * batch.active
         return _weighted_mean(jnp.where(batch.active, residual, 0.0)**2, weights)
@@ -516,7 +542,7 @@ def _detailed(policy, who, num_samples, exploration, temperature, num_replay, en
 @_documented
 def detailed_balance(policy: AbstractPolicy, num_samples: int = 128,
                      exploration: float = 0.0, temperature: float = 1.0,
-                     num_replay_samples: int = 0) -> Expectation:
+                     num_replay_samples: int = 0, initial_flow: str = "log_z") -> Expectation:
     """The detailed-balance loss as an expectation program `loss(key, params[, buffer])`.
 
     For every transition `s → s'` of sampled trajectories,
@@ -530,7 +556,7 @@ def detailed_balance(policy: AbstractPolicy, num_samples: int = 128,
     `trajectory_balance`; the loss is valid off-policy.
 
     Args:
-        policy: an `AbstractPolicy` with a state-flow head.{options}
+        policy: an `AbstractPolicy` with a state-flow head.{options}{flows}
 
     Returns:
         A `px.Expectation` to minimise with `px.fit(..., maximize=False)`.
@@ -549,7 +575,9 @@ def detailed_balance(policy: AbstractPolicy, num_samples: int = 128,
     who = "detailed_balance"
     exploration, temperature, num_replay = _common(policy, num_samples, exploration,
                                                    temperature, num_replay_samples, who)
-    loss = _detailed(policy, who, num_samples, exploration, temperature, num_replay, None)
+    initial_flow = _check_initial_flow(who, initial_flow)
+    loss = _detailed(policy, who, num_samples, exploration, temperature, num_replay, None,
+                     initial_flow)
     loss.__name__ = loss.__qualname__ = "detailed_balance_loss"
     return expectation(loss)
 
@@ -557,7 +585,8 @@ def detailed_balance(policy: AbstractPolicy, num_samples: int = 128,
 @_documented
 def forward_looking_detailed_balance(policy: AbstractPolicy, num_samples: int = 128,
                                      exploration: float = 0.0, temperature: float = 1.0,
-                                     num_replay_samples: int = 0) -> Expectation:
+                                     num_replay_samples: int = 0,
+                                     initial_flow: str = "log_z") -> Expectation:
     """Forward-looking detailed balance (FL-DB), `loss(key, params[, buffer])`.
 
     The state flow is written `log F(s) = log F̃(s) − E(s)/T` with the environment's
@@ -577,7 +606,7 @@ def forward_looking_detailed_balance(policy: AbstractPolicy, num_samples: int = 
 
     Args:
         policy: an `AbstractPolicy` with a state-flow head, on an environment that
-            defines `log_energy`.{options}
+            defines `log_energy`.{options}{flows}
 
     Returns:
         A `px.Expectation` to minimise.
@@ -606,7 +635,9 @@ def forward_looking_detailed_balance(policy: AbstractPolicy, num_samples: int = 
     def energy(state):
         return env.log_energy(state) / temperature
 
-    loss = _detailed(policy, who, num_samples, exploration, temperature, num_replay, energy)
+    initial_flow = _check_initial_flow(who, initial_flow)
+    loss = _detailed(policy, who, num_samples, exploration, temperature, num_replay, energy,
+                     initial_flow)
     loss.__name__ = loss.__qualname__ = "forward_looking_detailed_balance_loss"
     return expectation(loss)
 
@@ -625,12 +656,13 @@ def _check_subtb(who, lamda, weighting):
 
 
 def _subtrajectory(policy, who, num_samples, exploration, temperature, num_replay, lamda,
-                   weighting, energy):
+                   weighting, energy, initial_flow):
     log_lamda = float(np.log(lamda))
 
     def loss(params, buffer=None):
         batch, valid = _draw(policy, params, num_samples, exploration, num_replay, buffer, who)
-        flows = _state_flows(policy, params, batch, batch.log_reward / temperature, energy)
+        flows = _state_flows(policy, params, batch, batch.log_reward / temperature, energy,
+                             initial_flow)
         increments = batch.log_pf - batch.log_pb
         cumulative = jnp.concatenate([jnp.zeros_like(increments[:, :1]),
                                       jnp.cumsum(increments, axis=-1)], axis=-1)
@@ -671,7 +703,8 @@ def _subtrajectory(policy, who, num_samples, exploration, temperature, num_repla
 def subtrajectory_balance(policy: AbstractPolicy, num_samples: int = 128,
                           lamda: float = 0.9, weighting: str = "geometric_within",
                           exploration: float = 0.0, temperature: float = 1.0,
-                          num_replay_samples: int = 0) -> Expectation:
+                          num_replay_samples: int = 0, initial_flow: str = "log_z"
+                          ) -> Expectation:
     """Sub-trajectory balance (SubTB(λ)), `loss(key, params[, buffer])`.
 
     With the flows along a trajectory `F_0 = Z, F_1, ..., F_{L−1}` (the learned
@@ -684,7 +717,7 @@ def subtrajectory_balance(policy: AbstractPolicy, num_samples: int = 128,
     weights in λ. Trajectories are held fixed; off-policy valid.
 
     Args:
-        policy: an `AbstractPolicy` with a state-flow head.{options}{subtb}
+        policy: an `AbstractPolicy` with a state-flow head.{options}{subtb}{flows}
 
     Returns:
         A `px.Expectation` to minimise.
@@ -706,8 +739,9 @@ def subtrajectory_balance(policy: AbstractPolicy, num_samples: int = 128,
     exploration, temperature, num_replay = _common(policy, num_samples, exploration,
                                                    temperature, num_replay_samples, who)
     lamda = _check_subtb(who, lamda, weighting)
+    initial_flow = _check_initial_flow(who, initial_flow)
     loss = _subtrajectory(policy, who, num_samples, exploration, temperature, num_replay,
-                          lamda, weighting, None)
+                          lamda, weighting, None, initial_flow)
     loss.__name__ = loss.__qualname__ = "subtrajectory_balance_loss"
     return expectation(loss)
 
@@ -716,7 +750,8 @@ def subtrajectory_balance(policy: AbstractPolicy, num_samples: int = 128,
 def forward_looking_subtrajectory_balance(
         policy: AbstractPolicy, num_samples: int = 128, lamda: float = 0.9,
         weighting: str = "geometric_within", exploration: float = 0.0,
-        temperature: float = 1.0, num_replay_samples: int = 0) -> Expectation:
+        temperature: float = 1.0, num_replay_samples: int = 0,
+        initial_flow: str = "log_z") -> Expectation:
     """Forward-looking sub-trajectory balance (FL-SubTB), `loss(key, params[, buffer])`.
 
     `subtrajectory_balance` with the forward-looking flow `log F(s) = log F̃(s) − E(s)/T`
@@ -725,7 +760,7 @@ def forward_looking_subtrajectory_balance(
 
     Args:
         policy: an `AbstractPolicy` with a state-flow head, on an environment that
-            defines `log_energy`.{options}{subtb}
+            defines `log_energy`.{options}{subtb}{flows}
 
     Returns:
         A `px.Expectation` to minimise.
@@ -755,8 +790,9 @@ def forward_looking_subtrajectory_balance(
     def energy(state):
         return env.log_energy(state) / temperature
 
+    initial_flow = _check_initial_flow(who, initial_flow)
     loss = _subtrajectory(policy, who, num_samples, exploration, temperature, num_replay,
-                          lamda, weighting, energy)
+                          lamda, weighting, energy, initial_flow)
     loss.__name__ = loss.__qualname__ = "forward_looking_subtrajectory_balance_loss"
     return expectation(loss)
 

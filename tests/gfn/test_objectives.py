@@ -13,6 +13,7 @@ from ppl_ext.gfn import (
     detailed_balance,
     evaluate,
     log_partition,
+    subtrajectory_balance,
     trajectory_balance,
 )
 from tests.helpers import assert_unbiased, many
@@ -70,6 +71,21 @@ def test_hand_set_optimum_has_zero_losses_and_gradients(key):
     shifted = dict(tb_params, log_z=tb_params["log_z"] + 0.5)
     assert float(tb(key, shifted)) == pytest.approx(0.25, abs=1e-4)
     assert float(db(key, dict(params, log_z=params["log_z"] + 0.5))) > 1e-3
+    # initial_flow="head" (torchgfn's DB): log F(s0) is the flow head at s0, log_z unused
+    for head in (detailed_balance(policy, num_samples=64, initial_flow="head"),
+                 subtrajectory_balance(policy, num_samples=64, initial_flow="head")):
+        value, grads = head.value_and_grad(key, params)
+        assert float(value) < 1e-9 and float(grads["log_z"]) == 0.0
+        assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-4
+        assert float(head(key, dict(params, log_z=params["log_z"] + 0.5))) == float(value)
+        (flow,) = params["log_flow"]
+        moved = eqx_set(flow, weight=flow.weight.at[0, 0].add(0.5))  # log F(s0) + 0.5
+        assert float(head(key, dict(params, log_flow=(moved,)))) > 1e-3
+    log_z = policy.log_flow(params, policy.env.initial_state())
+    assert float(evaluate(policy, dict(params, log_z=jnp.asarray(9.0)),
+                          log_z=log_z).log_z_error) < 1e-5
+    with pytest.raises(ValueError, match="initial_flow must be one of 'log_z', 'head'"):
+        detailed_balance(policy, initial_flow="network")
 
 
 def exact_chain_tb(policy, params, hold_fixed=True):
