@@ -392,8 +392,8 @@ def _state_flows(policy, params, batch, log_reward, energy, initial_flow="log_z"
     """`(batch, max_length + 1)` log flows along each trajectory, the sink included.
 
     Position 0 is `log F(s0) = params["log_z"]` (`initial_flow="log_z"`) or the learned
-    head at `s0` (`initial_flow="head"`, torchgfn's parametrisation); positions `1 .. L - 1` (L: the steps taken,
-    exit included) the learned `log F(s_t)` (minus `E(s_t)` when `energy` is given: the
+    head at `s0` (`initial_flow="head"`, torchgfn's parametrisation); positions
+    `1 .. L - 1` (L: the steps taken, exit included) the learned `log F(s_t)` (minus `E(s_t)` when `energy` is given: the
     forward-looking parametrisation); positions `L ..` the sink after the exit, whose
     flow is the (tempered) reward, `log R(x)`.
 
@@ -528,6 +528,8 @@ def trajectory_balance(policy: AbstractPolicy, num_samples: int = 128,
 
 def _detailed(policy, who, num_samples, exploration, temperature, num_replay, energy,
               initial_flow):
+    initial_flow = _check_initial_flow(who, initial_flow)
+
     def loss(params, buffer=None):
         batch, valid = _draw(policy, params, num_samples, exploration, num_replay, buffer, who)
         flows = _state_flows(policy, params, batch, batch.log_reward / temperature, energy,
@@ -575,7 +577,6 @@ def detailed_balance(policy: AbstractPolicy, num_samples: int = 128,
     who = "detailed_balance"
     exploration, temperature, num_replay = _common(policy, num_samples, exploration,
                                                    temperature, num_replay_samples, who)
-    initial_flow = _check_initial_flow(who, initial_flow)
     loss = _detailed(policy, who, num_samples, exploration, temperature, num_replay, None,
                      initial_flow)
     loss.__name__ = loss.__qualname__ = "detailed_balance_loss"
@@ -635,7 +636,6 @@ def forward_looking_detailed_balance(policy: AbstractPolicy, num_samples: int = 
     def energy(state):
         return env.log_energy(state) / temperature
 
-    initial_flow = _check_initial_flow(who, initial_flow)
     loss = _detailed(policy, who, num_samples, exploration, temperature, num_replay, energy,
                      initial_flow)
     loss.__name__ = loss.__qualname__ = "forward_looking_detailed_balance_loss"
@@ -657,6 +657,7 @@ def _check_subtb(who, lamda, weighting):
 
 def _subtrajectory(policy, who, num_samples, exploration, temperature, num_replay, lamda,
                    weighting, energy, initial_flow):
+    initial_flow = _check_initial_flow(who, initial_flow)
     log_lamda = float(np.log(lamda))
 
     def loss(params, buffer=None):
@@ -739,7 +740,6 @@ def subtrajectory_balance(policy: AbstractPolicy, num_samples: int = 128,
     exploration, temperature, num_replay = _common(policy, num_samples, exploration,
                                                    temperature, num_replay_samples, who)
     lamda = _check_subtb(who, lamda, weighting)
-    initial_flow = _check_initial_flow(who, initial_flow)
     loss = _subtrajectory(policy, who, num_samples, exploration, temperature, num_replay,
                           lamda, weighting, None, initial_flow)
     loss.__name__ = loss.__qualname__ = "subtrajectory_balance_loss"
@@ -790,7 +790,6 @@ def forward_looking_subtrajectory_balance(
     def energy(state):
         return env.log_energy(state) / temperature
 
-    initial_flow = _check_initial_flow(who, initial_flow)
     loss = _subtrajectory(policy, who, num_samples, exploration, temperature, num_replay,
                           lamda, weighting, energy, initial_flow)
     loss.__name__ = loss.__qualname__ = "forward_looking_subtrajectory_balance_loss"

@@ -39,10 +39,10 @@ Conventions shared by all of them:
   reductions over the devices.
 - The Gaussian noise is most of a step's cost (`N d` draws per step); `CBO` and
   `PolarisedCBO` offer `increments="quantised"`, a 256-level law with the normal's first
-  three moments drawn from one random byte a coordinate, about 2x cheaper. Without `sharding`
-  it is drawn under `jax.threefry_partitionable(False)` (JAX's older threefry layout,
-  about twice as fast on CPU; a different stream from the same key, the same
-  distribution); with `sharding`, under the global setting, so that each device draws
+  three moments drawn from one random byte a coordinate, about 2x cheaper. Without
+  `sharding` the noise is drawn under `jax.threefry_partitionable(False)` (JAX's older
+  threefry layout, about twice as fast on CPU; a different stream from the same key, the
+  same distribution); with `sharding`, under the global setting, so that each device draws
   only its shard. Other key implementations work (the noise comes from the key given)
   but do not pay on CPU (`benchmarks/bench_cbo.py --noise`, 2026-12-06, XLA on one
   thread, 80,000 float32 normals a step): `jax.random.key(seed, impl="rbg")` or
@@ -256,16 +256,21 @@ def _best(state, flat, values, template):
     return ravel_pytree(template)[1](best_flat), best_value
 
 
-def _normal(backend, key, shape, dtype) -> jax.Array:
-    """Standard normal noise for a step. Without `sharding` it is drawn with JAX's
-    non-partitionable threefry layout (`jax.threefry_partitionable(False)`), which draws
-    about twice as fast on CPU; the noise is most of a step's cost (`N d` draws against
-    `N` evaluations). With `sharding`, the global setting applies (its partitionable
-    layout lets each device draw only its own shard)."""
+def _in_layout(backend, draw):
+    """`draw()` in the step noise's threefry layout. Without `sharding`, JAX's
+    non-partitionable layout (`jax.threefry_partitionable(False)`), which draws about twice
+    as fast on CPU; the noise is most of a step's cost (`N d` draws against `N`
+    evaluations). With `sharding`, the global setting (its partitionable layout lets each
+    device draw only its own shard)."""
     if backend.sharding is not None:
-        return jax.random.normal(key, shape, dtype)
+        return draw()
     with jax.threefry_partitionable(False):
-        return jax.random.normal(key, shape, dtype)
+        return draw()
+
+
+def _normal(backend, key, shape, dtype) -> jax.Array:
+    """Standard normal noise for a step, in `_in_layout`'s layout."""
+    return _in_layout(backend, lambda: jax.random.normal(key, shape, dtype))
 
 
 def _quantile_levels() -> np.ndarray:
@@ -281,13 +286,9 @@ QUANTISED_LEVELS = _quantile_levels()
 
 
 def _quantised(backend, key, shape, dtype) -> jax.Array:
-    """One random byte a coordinate, mapped to `QUANTISED_LEVELS` (without `sharding`
-    drawn in the non-partitionable threefry layout, like `_normal`)."""
-    if backend.sharding is not None:
-        index = jax.random.bits(key, shape, jnp.uint8)
-    else:
-        with jax.threefry_partitionable(False):
-            index = jax.random.bits(key, shape, jnp.uint8)
+    """One random byte a coordinate (in `_in_layout`'s layout), mapped to
+    `QUANTISED_LEVELS`."""
+    index = _in_layout(backend, lambda: jax.random.bits(key, shape, jnp.uint8))
     return jnp.asarray(QUANTISED_LEVELS, dtype)[index.astype(jnp.int32)]
 
 
@@ -386,8 +387,8 @@ class CBO(_ConsensusBackend):
         increments: the law of ξ: `"gaussian"` (default; Euler-Maruyama) or
             `"quantised"`: each coordinate takes one of 256 values with probability
             1/256, the `N(0, 1)` quantiles at `(k + 1/2) / 256` rescaled to variance 1
-            (largest |ξ| about 2.9). Its mean, variance and third
-            moment are those of `N(0, 1)`, which keeps the Euler scheme's weak order 1
+            (largest |ξ| about 2.9). Its mean, variance and third moment are those of
+            `N(0, 1)`, which keeps the Euler scheme's weak order 1
             (Kloeden and Platen, "Numerical Solution of SDEs", §14.1): expectations over
             the cloud agree with Euler-Maruyama's to first order in `dt`; single paths
             differ. It costs one random byte a coordinate instead of a normal draw, about
@@ -552,8 +553,8 @@ class PolarisedCBO(_ConsensusBackend):
         kernel_width: κ, the kernel's length scale (> 0); `inf` recovers `CBO`.
 
     The other fields (`num_particles`, `alpha`, `sigma`, `dt`, `drift_rate`, `noise`,
-    `increments`, `init_scale`, `init_bounds`, `estimate`, `num_samples`, `common_random_numbers`,
-    `sharding`) are as for `CBO`.
+    `increments`, `init_scale`, `init_bounds`, `estimate`, `num_samples`,
+    `common_random_numbers`, `sharding`) are as for `CBO`.
 
     `params(state)` (`estimate="consensus"`) is the consensus point of the particle with the
     smallest estimate in the last evaluated cloud.

@@ -12,7 +12,8 @@ block sums, and only that block's `B` weights are formed again to find the colum
 `rows × N` cumulative sum and no binary-search loop. The law is that of the one-level
 inverse CDF (the same partial sums, added in another order); one uniform per draw, not
 the `N` of Gumbel-max. The accept-reject proposals from `W_{t-1}` are found the same
-way (`_count_at_most`, equal to `searchsorted` without its `log N`-step loop).
+way up to `_COUNT_MAX` particles (`_count_at_most`, equal to `searchsorted` without its
+`log N`-step loop) and by `searchsorted` above.
 """
 
 from __future__ import annotations
